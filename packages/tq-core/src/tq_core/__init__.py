@@ -1,1 +1,59 @@
-"""placeholder"""
+"""tq-core: the TurboQuant math for MLX (rotations, codebooks, packing, TurboQuant_mse/prod)."""
+
+from .codebook import CODEBOOK_BITS, Codebook, gaussian_codebook, sphere_codebook
+from .hadamard import (
+    hadamard,
+    hadamard_factor,
+    inverse_hadamard,
+    is_hadamard_size,
+    largest_hadamard_block,
+)
+from .pack import PACK_BITS, pack, packed_words, unpack
+from .qjl import make_sketch, qjl_dequantize, qjl_signs
+from .quant_mse import (
+    MSE_BITS,
+    MSEQuantized,
+    dequantize_mse,
+    dequantize_mse_rotated,
+    nearest_index,
+    quantize_mse,
+)
+from .quant_prod import PROD_BITS, ProdQuantized, dequantize_prod, inner_product_prod, quantize_prod
+from .rotation import Rotation, make_rotation, rotate, unrotate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CODEBOOK_BITS",
+    "MSE_BITS",
+    "PACK_BITS",
+    "PROD_BITS",
+    "Codebook",
+    "MSEQuantized",
+    "ProdQuantized",
+    "Rotation",
+    "dequantize_mse",
+    "dequantize_mse_rotated",
+    "dequantize_prod",
+    "gaussian_codebook",
+    "hadamard",
+    "hadamard_factor",
+    "inner_product_prod",
+    "inverse_hadamard",
+    "is_hadamard_size",
+    "largest_hadamard_block",
+    "make_rotation",
+    "make_sketch",
+    "nearest_index",
+    "pack",
+    "packed_words",
+    "qjl_dequantize",
+    "qjl_signs",
+    "quantize_mse",
+    "quantize_prod",
+    "rotate",
+    "sphere_codebook",
+    "unpack",
+    "unrotate",
+    "__version__",
+]

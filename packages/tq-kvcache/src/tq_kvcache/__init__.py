@@ -1,1 +1,5 @@
-"""placeholder"""
+"""tq-kvcache: TurboQuant KV cache for mlx-lm (attention over packed K/V). Scaffold: API lands later."""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

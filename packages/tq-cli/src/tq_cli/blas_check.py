@@ -1,0 +1,39 @@
+"""Detect MLX's slow reference BLAS on Linux CPU and say how to get a fast one, once."""
+
+from __future__ import annotations
+
+import sys
+
+import mlx.core as mx
+
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
+_FAST = ("libopenblas", "libmkl", "libblis", "libflexiblas", "accelerate")
+_warned = False
+
+
+def reference_blas_loaded(maps_path: str = "/proc/self/maps") -> bool:
+    """True when this process runs MLX's bundled reference BLAS and no optimized BLAS."""
+    try:
+        with open(maps_path) as f:
+            libs = {line.split()[-1] for line in f if ".so" in line}
+    except OSError:
+        return False
+    if any(any(tag in lib.lower() for tag in _FAST) for lib in libs):
+        return False
+    return any("mlx_cpu.libs/libblas" in lib for lib in libs)
+
+
+def warn_if_reference_blas() -> None:
+    """Print one hint on stderr when CPU matmuls would run on the reference BLAS."""
+    global _warned
+    if _warned or not sys.platform.startswith("linux") or mx.default_device() != mx.cpu:
+        return
+    mx.eval(mx.ones((2, 2)) @ mx.ones((2, 2)))  # make sure the BLAS library is loaded
+    if reference_blas_loaded():
+        _warned = True
+        print(
+            "tq: MLX is using its bundled reference BLAS, ~100x slower for CPU matmuls. Install "
+            "OpenBLAS (apt-get install libopenblas0-pthread) and run with "
+            f"LD_PRELOAD={OPENBLAS}",
+            file=sys.stderr,
+        )
