@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import mlx.core as mx
@@ -23,6 +24,20 @@ def reference_blas_loaded(maps_path: str = "/proc/self/maps") -> bool:
     return any("mlx_cpu.libs/libblas" in lib for lib in libs)
 
 
+def blas_in_use(maps_path: str = "/proc/self/maps") -> str:
+    """"openblas", "mkl", ... when an optimized BLAS is mapped; "reference" for MLX's bundled
+    one; "unknown" where the maps cannot be read (macOS uses Accelerate)."""
+    try:
+        with open(maps_path) as f:
+            libs = " ".join(line.split()[-1].lower() for line in f if ".so" in line)
+    except OSError:
+        return "unknown"
+    for tag in _FAST:
+        if tag in libs:
+            return tag.removeprefix("lib")
+    return "reference" if "mlx_cpu.libs/libblas" in libs else "unknown"
+
+
 def warn_if_reference_blas() -> None:
     """Print one hint on stderr when CPU matmuls would run on the reference BLAS."""
     global _warned
@@ -37,3 +52,23 @@ def warn_if_reference_blas() -> None:
             f"LD_PRELOAD={OPENBLAS}",
             file=sys.stderr,
         )
+
+
+def preload_openblas_and_reexec() -> None:
+    """For the `tq` console command on Linux: when MLX would run on its reference BLAS and
+    OpenBLAS is installed, re-run this same command with OpenBLAS preloaded (it must be in
+    LD_PRELOAD before the process starts). ``TQ_NO_BLAS_PRELOAD=1`` turns this off."""
+    if (
+        not sys.platform.startswith("linux")
+        or os.environ.get("TQ_NO_BLAS_PRELOAD")
+        or os.environ.get("_TQ_BLAS_REEXEC")
+        or not os.path.exists(OPENBLAS)
+        or "openblas" in os.environ.get("LD_PRELOAD", "")
+        or mx.default_device() != mx.cpu
+    ):
+        return
+    env = dict(os.environ, _TQ_BLAS_REEXEC="1")
+    env["LD_PRELOAD"] = ":".join(p for p in (OPENBLAS, os.environ.get("LD_PRELOAD")) if p)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)

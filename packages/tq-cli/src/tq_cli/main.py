@@ -45,9 +45,40 @@ def _bench_distortion(args: argparse.Namespace) -> int:
     return 0
 
 
+def _info(args: argparse.Namespace) -> int:
+    import platform
+
+    import mlx.core as mx
+    import tq_core
+    from tq_kernels import kernel_backend
+
+    from .blas_check import blas_in_use
+
+    mx.eval(mx.ones((2, 2)) @ mx.ones((2, 2)))  # load the BLAS before reading the maps
+    info = {
+        "tq_core": tq_core.__version__,
+        "mlx": mx.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(mx.default_device()),
+        "kernel_backend": kernel_backend(),
+        "cpu_blas": blas_in_use(),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:>15}: {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tq", description="TurboQuant for MLX")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="versions, MLX device, kernel backend and CPU BLAS")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=_info)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON with --json)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -72,5 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console entry point: fast BLAS on Linux CPUs, then run the command."""
+    from .blas_check import preload_openblas_and_reexec
+
+    preload_openblas_and_reexec()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()
