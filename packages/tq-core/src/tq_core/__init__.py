@@ -1,5 +1,6 @@
 """tq-core: the TurboQuant math for MLX (rotations, codebooks, packing, TurboQuant_mse/prod)."""
 
+from .checkpoint import CheckpointError, load_weights, read_quantization, save_checkpoint
 from .codebook import CODEBOOK_BITS, Codebook, gaussian_codebook, sphere_codebook
 from .hadamard import (
     hadamard,
@@ -19,11 +20,46 @@ from .quant_mse import (
     quantize_mse,
 )
 from .quant_prod import PROD_BITS, ProdQuantized, dequantize_prod, inner_product_prod, quantize_prod
+from .embedding import TurboQuantEmbedding
+from .linear import TurboQuantLinear
+from .quantize_model import apply_plan, plan_layers, quantize_model
+from .recipe import PRESETS, QuantRecipe, layer_kind, preset
 from .rotation import Rotation, make_rotation, rotate, unrotate
+from .switch_linear import TurboQuantSwitchLinear
+from .weights import (
+    GROUP_SIZES,
+    WEIGHT_BITS,
+    QuantizedWeight,
+    dequantize_weight,
+    dequantize_weight_rotated,
+    quantize_weight,
+    weight_rotation,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GROUP_SIZES",
+    "PRESETS",
+    "WEIGHT_BITS",
+    "CheckpointError",
+    "QuantRecipe",
+    "QuantizedWeight",
+    "TurboQuantEmbedding",
+    "TurboQuantLinear",
+    "TurboQuantSwitchLinear",
+    "apply_plan",
+    "dequantize_weight",
+    "dequantize_weight_rotated",
+    "layer_kind",
+    "load_weights",
+    "plan_layers",
+    "preset",
+    "quantize_model",
+    "quantize_weight",
+    "read_quantization",
+    "save_checkpoint",
+    "weight_rotation",
     "CODEBOOK_BITS",
     "MSE_BITS",
     "PACK_BITS",

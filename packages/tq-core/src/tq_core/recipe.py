@@ -1,0 +1,92 @@
+"""Which layers get which TurboQuant bits: layer kinds, mixed-precision recipes, presets."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, replace
+
+import mlx.nn as nn
+
+from ._checks import check_choice
+from .weights import GROUP_SIZES, SCALE_METHODS, WEIGHT_BITS
+
+LAYER_KINDS = ("attn", "mlp", "expert", "embed", "head", "other")
+#: Modules never quantized: MoE routers and small gates (their errors flip expert choices).
+DEFAULT_KEEP = (r"(^|\.)router(\.|$)", r"(^|\.)gate$", r"shared_expert_gate$", r"(^|\.)gate\.")
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    """Bits per layer kind. ``None`` for a kind's bits means: use ``bits``; ``0`` means keep
+    that kind unquantized. Routers, gates and norms are always kept (``keep`` patterns)."""
+
+    bits: int = 4
+    group_size: int = 64
+    attn_bits: int | None = None
+    mlp_bits: int | None = None
+    expert_bits: int | None = None
+    embed_bits: int | None = None
+    head_bits: int | None = None
+    seed: int = 0
+    span: int | None = None
+    scale_method: str = "lsq"
+    keep: tuple[str, ...] = field(default=DEFAULT_KEEP)
+
+    def __post_init__(self):
+        check_choice("bits", self.bits, WEIGHT_BITS)
+        check_choice("group_size", self.group_size, GROUP_SIZES)
+        check_choice("scale_method", self.scale_method, SCALE_METHODS)
+        for kind in ("attn", "mlp", "expert", "embed", "head"):
+            value = getattr(self, f"{kind}_bits")
+            if value is not None:
+                check_choice(f"{kind}_bits", value, (0, *WEIGHT_BITS))
+
+    def bits_for(self, kind: str) -> int:
+        """Bits for a layer kind (0 = keep unquantized)."""
+        value = getattr(self, f"{kind}_bits", None)
+        return self.bits if value is None else value
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["keep"] = list(self.keep)
+        return d
+
+
+PRESETS = {
+    "tq4": QuantRecipe(bits=4),
+    "tq3": QuantRecipe(bits=3),
+    "tq2": QuantRecipe(bits=2),
+    "tq3a-tq2e": QuantRecipe(bits=3, expert_bits=2),
+}
+
+
+def preset(name: str, **overrides) -> QuantRecipe:
+    """A named recipe, with fields overridden (``None`` overrides are ignored)."""
+    check_choice("preset", name, tuple(PRESETS))
+    return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+_ATTN = re.compile(r"(attn|attention|self_attn|cross_attn)")
+_MLP = re.compile(r"(mlp|feed_forward|ffn|shared_expert|experts)")
+
+
+def layer_kind(path: str, module: nn.Module) -> str | None:
+    """The kind of a quantizable leaf module, or None when it is not quantizable."""
+    name = type(module).__name__
+    if isinstance(module, nn.Embedding):
+        return "embed"
+    if name == "SwitchLinear":
+        return "expert"
+    if not isinstance(module, nn.Linear):
+        return None
+    if path == "lm_head" or path.endswith(".lm_head"):
+        return "head"
+    if _ATTN.search(path):
+        return "attn"
+    if _MLP.search(path):
+        return "mlp"
+    return "other"
+
+
+def is_kept(path: str, recipe: QuantRecipe) -> bool:
+    return any(re.search(pattern, path) for pattern in recipe.keep)
