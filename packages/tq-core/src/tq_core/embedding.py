@@ -38,7 +38,8 @@ class TurboQuantEmbedding(TurboQuantWeights):
     def __call__(self, ids: mx.array) -> mx.array:
         rows = QuantizedWeight(self.indices[ids], self.scales[ids], self.bits, self.group_size)
         out = unrotate(dequantize_weight_rotated(rows), self.rotation())
-        return out.astype(self.scales.dtype)
+        # The residual stream starts here: float32 on the CPU, the stored dtype on a GPU.
+        return out.astype(mx.float32 if mx.default_device() == mx.cpu else self.scales.dtype)
 
     def as_linear(self, x: mx.array) -> mx.array:
         dtype = compute_dtype(x)

@@ -1,0 +1,66 @@
+"""Tests for the TurboQuant layers: each equals its dequantized float counterpart."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from tq_core import (
+    TurboQuantEmbedding,
+    TurboQuantLinear,
+    TurboQuantSwitchLinear,
+    dequantize_weight,
+)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("in_dims", [576, 1536, 2880])
+def test_linear_equals_dequantized(bias, in_dims):
+    lin = nn.Linear(in_dims, 48, bias=bias)
+    q = TurboQuantLinear.from_linear(lin, bits=3, group_size=64)
+    x = mx.random.normal((2, 5, in_dims))
+    ref = x @ dequantize_weight(q.codes(), q.rotation()).T + (lin.bias if bias else 0)
+    assert mx.allclose(q(x), ref, atol=1e-4).item()
+    rel = mx.abs(q(x) - lin(x)).max() / mx.abs(lin(x)).max()
+    assert rel.item() < 0.4  # 3-bit weights, random input
+
+
+def test_linear_dtypes_follow_input():
+    q = TurboQuantLinear.from_linear(nn.Linear(128, 32), bits=4, group_size=32)
+    for dtype in (mx.float16, mx.bfloat16, mx.float32):
+        assert q(mx.ones((1, 128), dtype=dtype)).dtype == dtype
+
+
+def test_switch_linear_decode_and_prefill_paths():
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    sw = SwitchLinear(64, 32, 8, bias=True)
+    q = TurboQuantSwitchLinear.from_switch_linear(sw, bits=4, group_size=32)
+    full = dequantize_weight(q.codes(), q.rotation())
+    for tokens in (1, 3, 40):  # 1-3 tokens: gathered experts only; 40: all experts
+        x = mx.random.normal((tokens, 1, 1, 64))
+        idx = mx.random.randint(0, 8, (tokens, 2))
+        got = q(x, idx)
+        ref = mx.gather_mm(x, full.swapaxes(-1, -2), rhs_indices=idx)
+        ref = ref + mx.expand_dims(sw.bias[idx], -2)
+        assert got.shape == ref.shape
+        assert mx.allclose(got, ref, atol=1e-4).item()
+
+
+def test_embedding_lookup_and_tied_head():
+    emb = nn.Embedding(100, 128)
+    q = TurboQuantEmbedding.from_embedding(emb, bits=4, group_size=64)
+    table = dequantize_weight(q.codes(), q.rotation())
+    ids = mx.array([[0, 5, 99]])
+    assert mx.allclose(q(ids).astype(mx.float32), table[ids], atol=1e-5).item()
+    x = mx.random.normal((2, 128))
+    assert mx.allclose(q.as_linear(x), x @ table.T, atol=1e-4).item()
+
+
+def test_layers_share_rotation_by_seed():
+    a = TurboQuantLinear.from_linear(nn.Linear(256, 16), bits=4, group_size=64, seed=5)
+    b = TurboQuantLinear.from_linear(nn.Linear(256, 32), bits=3, group_size=64, seed=5)
+    assert mx.array_equal(a.signs, b.signs).item()
+
+
+def test_layer_refuses_indivisible_group():
+    with pytest.raises(ValueError, match="must divide the input dimension"):
+        TurboQuantLinear(100, 8, bits=4, group_size=64)
