@@ -44,9 +44,17 @@ def test_symmetry_by_family():
     assert mx.abs(inverse_hadamard(hadamard(x)) - x).max().item() < 1e-4
 
 
-def test_kron_structure_the_inverse_relies_on():
-    h80, h20, h4 = _matrix(80), _matrix(20), _matrix(4)
-    assert np.allclose(h80, np.kron(h20, h4), atol=1e-6)
+@pytest.mark.parametrize("m, p", [(20, 4), (28, 8), (20, 64)])
+def test_kron_structure_the_inverse_relies_on(m, p):
+    # MLX's transform is kron(H_m, H_p) on the CPU; other backends may use kron(H_p, H_m).
+    from tq_core.hadamard import _m_outer
+
+    h, hm, hp = _matrix(m * p), _matrix(m), _matrix(p)
+    outer, inner = np.kron(hm, hp), np.kron(hp, hm)
+    assert np.allclose(h, outer, atol=1e-5) or np.allclose(h, inner, atol=1e-5)
+    assert _m_outer(m, p) == np.allclose(h, outer, atol=1e-5)
+    if mx.default_device() == mx.cpu:
+        assert np.allclose(h, outer, atol=1e-6)
 
 
 @pytest.mark.parametrize("n", [576, 2880, 9, 3, 0, -4, 96 * 3, 1 << 16])
@@ -62,9 +70,12 @@ def test_factor_and_largest_block():
     assert hadamard_factor(896) == (28, 32)
     assert hadamard_factor(1536) == (12, 128)
     assert largest_hadamard_block(576) == 192
-    assert largest_hadamard_block(2880) == 320  # 9 x 320, 320 = 20 * 16
+    assert largest_hadamard_block(2880) == 192  # self-inverse bases (1, 12) by default
+    assert largest_hadamard_block(2880, bases=(1, 12, 20, 28)) == 320  # 9 x 320, 20 * 16
+    assert largest_hadamard_block(896) == 128
     assert largest_hadamard_block(4096) == 4096
-    assert largest_hadamard_block(14336) == 14336
+    assert largest_hadamard_block(14336) == 2048
+    assert largest_hadamard_block(14336, bases=(1, 12, 20, 28)) == 14336
     assert largest_hadamard_block(7) == 1
 
 

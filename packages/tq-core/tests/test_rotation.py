@@ -6,19 +6,24 @@ import pytest
 from tq_core import make_rotation, rotate, unrotate
 
 
-@pytest.mark.parametrize("dim", [64, 128, 576, 1536, 2880, 896, 96])
-def test_round_trip_and_orthogonal(dim):
-    rot = make_rotation(dim, seed=7)
-    eye = mx.eye(dim, dtype=mx.float32)
-    r = np.array(rotate(eye, rot), dtype=np.float64)
-    assert np.abs(r @ r.T - np.eye(dim)).max() < 1e-5
+@pytest.mark.parametrize(
+    "dim, block", [(64, None), (128, None), (576, None), (1536, None), (2880, None),
+                   (2880, 320), (896, 896), (96, None), (14336, 14336)]
+)
+def test_round_trip_and_orthogonal(dim, block):
+    rot = make_rotation(dim, seed=7, block=block)
+    if dim <= 4096:
+        eye = mx.eye(dim, dtype=mx.float32)
+        r = np.array(rotate(eye, rot), dtype=np.float64)
+        assert np.abs(r @ r.T - np.eye(dim)).max() < 1e-5
     x = mx.random.normal((4, 3, dim), key=mx.random.key(1))
     assert mx.abs(unrotate(rotate(x, rot), rot) - x).max().item() < 1e-4
 
 
 def test_blockwise_dims():
     assert make_rotation(576).block == 192
-    assert make_rotation(2880).block == 320
+    assert make_rotation(2880).block == 192
+    assert make_rotation(2880, block=320).num_blocks == 9  # non-symmetric family, explicit
     assert make_rotation(4096).block == 4096
     assert make_rotation(576, block=64).num_blocks == 9
 

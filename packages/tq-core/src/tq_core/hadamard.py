@@ -4,8 +4,9 @@
 Measured with mlx 0.32.4: other sizes (576, 2880) do not raise but corrupt the heap, so every
 size is validated here before MLX sees it. For m = 1 and 12 the orthonormal transform is
 symmetric (its own inverse); for m = 20 and 28 it is not, and its inverse is its transpose.
-MLX computes ``y = x @ kron(H_m, H_{2^k})`` (checked in the tests), so the transpose is
-``Y -> H_m^T``-mix of the m blocks after the (symmetric) power-of-two transform.
+MLX's transform is a Kronecker product of H_m and H_{2^k}, but the order differs between
+backends (CPU: ``x @ kron(H_m, H_2^k)``; the CUDA backend differs, measured on an H100), so
+the order is probed once per device and size, and the transpose applied to match.
 """
 
 from __future__ import annotations
@@ -39,14 +40,20 @@ def is_hadamard_size(n: int) -> bool:
     return hadamard_factor(n) is not None
 
 
-def largest_hadamard_block(dim: int, max_block: int = MAX_HADAMARD_SIZE) -> int:
-    """Largest supported Hadamard size that divides ``dim`` (at most ``max_block``).
+#: Bases whose transform is symmetric, hence its own inverse on every backend.
+SELF_INVERSE_BASES = (1, 12)
 
-    576 = 3 * 192 gives 192 (= 12 * 16); 2880 = 9 * 320 gives 320 (= 20 * 16); 4096 gives 4096.
+
+def largest_hadamard_block(
+    dim: int, max_block: int = MAX_HADAMARD_SIZE, bases: tuple[int, ...] = SELF_INVERSE_BASES
+) -> int:
+    """Largest Hadamard size m * 2**k (m in ``bases``) that divides ``dim``, at most
+    ``max_block``. With the default self-inverse bases: 576 -> 192 (12 * 16), 2880 -> 192,
+    896 -> 128, 4096 -> 4096; with all of HADAMARD_BASES, 2880 -> 320 (20 * 16).
     """
     check_positive_int("dim", dim)
     best = 1
-    for m in HADAMARD_BASES:
+    for m in bases:
         p = 1
         while m * p <= min(dim, max_block):
             if dim % (m * p) == 0:
@@ -72,22 +79,68 @@ def hadamard(x: mx.array) -> mx.array:
     return mx.hadamard_transform(x, scale=n**-0.5)
 
 
-@lru_cache(maxsize=None)
 def _base_matrix(m: int) -> mx.array:
-    """The orthonormal m x m base block MLX uses (so the inverse matches it exactly)."""
+    """The orthonormal m x m base block this device's MLX uses (so the inverse matches it)."""
+    return _base_matrix_on(m, str(mx.default_device()))
+
+
+@lru_cache(maxsize=None)
+def _base_matrix_on(m: int, device: str) -> mx.array:
     return mx.hadamard_transform(mx.eye(m, dtype=mx.float32), scale=m**-0.5)
+
+
+def _mix(a: mx.array, blocks: mx.array) -> mx.array:
+    """``a @ blocks`` over the second-to-last axis, as an exact float32 sum (a GPU matmul
+    may round through TF32)."""
+    return mx.sum(a[:, :, None] * blocks[..., None, :, :], axis=-2)
+
+
+def _apply_kron(y: mx.array, m: int, p: int, base: mx.array, m_outer: bool) -> mx.array:
+    """``y @ kron(base, H_p)`` (m_outer) or ``y @ kron(H_p, base)``, H_p orthonormal."""
+    lead = y.shape[:-1]
+    if m_outer:  # (y @ kron(A, B)) as (m, p) = A^T Y B
+        blocks = y.reshape(*lead, m, p)
+        if p > 1:
+            blocks = mx.hadamard_transform(blocks, scale=p**-0.5)
+        out = _mix(base.T, blocks)
+    else:  # (y @ kron(B, A)) as (p, m) = B Y A
+        blocks = y.reshape(*lead, p, m).swapaxes(-1, -2)
+        if p > 1:
+            blocks = mx.hadamard_transform(blocks, scale=p**-0.5)
+        out = _mix(base.T, blocks).swapaxes(-1, -2)
+    return out.reshape(*lead, m * p)
+
+
+_ORDER: dict[tuple[str, int, int], bool] = {}
+
+
+def _m_outer(m: int, p: int) -> bool:
+    """Whether this device's transform of size m * p is ``x @ kron(H_m, H_p)`` (True) or
+    ``x @ kron(H_p, H_m)`` (False); probed once per device and size on one random vector."""
+    key = (str(mx.default_device()), m, p)
+    if key not in _ORDER:
+        x = mx.random.normal((1, m * p), key=mx.random.key(m * p))
+        y = mx.hadamard_transform(x, scale=(m * p) ** -0.5)
+        base = _base_matrix(m)
+        errors = [
+            mx.abs(_apply_kron(x, m, p, base, outer) - y).max().item() for outer in (True, False)
+        ]
+        if min(errors) > 1e-3:
+            raise RuntimeError(
+                f"mx.hadamard_transform of size {m * p} on {key[0]} matches neither Kronecker "
+                "order; tq-core cannot invert it. Use a rotation block with m = 1 or 12."
+            )
+        _ORDER[key] = errors[0] <= errors[1]
+    return _ORDER[key]
 
 
 def inverse_hadamard(y: mx.array) -> mx.array:
     """Inverse of :func:`hadamard` (its transpose), for every supported size."""
     n = _check_size(y)
     m, p = hadamard_factor(n)
-    if m in (1, 12):
+    if m in SELF_INVERSE_BASES:
         return mx.hadamard_transform(y, scale=n**-0.5)
-    # y @ kron(A, B)^T = vec(A Y B) for Y = y reshaped (m, p), B symmetric (power of two).
-    lead = y.shape[:-1]
-    blocks = y.reshape(*lead, m, p)
-    if p > 1:
-        blocks = mx.hadamard_transform(blocks, scale=p**-0.5)
-    base = _base_matrix(m).astype(y.dtype)
-    return (base @ blocks).reshape(*lead, n)
+    # The transpose of kron(A, B) is kron(A^T, B) (B is symmetric): the same structure with
+    # the base matrix transposed.
+    base_t = _base_matrix(m).T
+    return _apply_kron(y.astype(mx.float32), m, p, base_t, _m_outer(m, p)).astype(y.dtype)
