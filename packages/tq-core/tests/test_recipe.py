@@ -85,3 +85,10 @@ def test_presets_and_bad_values():
         QuantRecipe(attn_bits=7)
     with pytest.raises(ValueError, match="group_size must be one of"):
         QuantRecipe(group_size=16)
+
+
+def test_kind_from_leaf_name_when_the_path_is_silent():
+    lin = nn.Linear(64, 64)
+    assert layer_kind("backbone.layers.1.mixer.q_proj", lin) == "attn"  # nemotron_h
+    assert layer_kind("backbone.layers.2.mixer.down_proj", lin) == "mlp"
+    assert layer_kind("backbone.layers.0.mixer.in_proj", lin) == "other"  # mamba

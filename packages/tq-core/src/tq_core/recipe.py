@@ -68,6 +68,11 @@ def preset(name: str, **overrides) -> QuantRecipe:
 
 _ATTN = re.compile(r"(attn|attention|self_attn|cross_attn)")
 _MLP = re.compile(r"(mlp|feed_forward|ffn|shared_expert|experts)")
+# Leaf names that say the kind where the path does not (nemotron_h's `mixer.q_proj`).
+_ATTN_LEAVES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "wq", "wk", "wv", "wo",
+                "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"}  # fmt: skip
+_MLP_LEAVES = {"gate_proj", "up_proj", "down_proj", "fc1", "fc2", "w1", "w2", "w3",
+               "gate_up_proj"}  # fmt: skip
 
 
 def layer_kind(path: str, module: nn.Module) -> str | None:
@@ -84,6 +89,11 @@ def layer_kind(path: str, module: nn.Module) -> str | None:
     if _ATTN.search(path):
         return "attn"
     if _MLP.search(path):
+        return "mlp"
+    leaf = path.rsplit(".", 1)[-1]
+    if leaf in _ATTN_LEAVES:
+        return "attn"
+    if leaf in _MLP_LEAVES:
         return "mlp"
     return "other"
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_map_with_path
 from mlx_lm.utils import _get_classes, load_tokenizer
 
 from ..checkpoint import CheckpointError, load_weights, read_quantization
@@ -20,6 +21,20 @@ def build_model(config: dict) -> nn.Module:
     except (ValueError, KeyError) as e:
         raise ValueError(f"unsupported architecture {config.get('model_type')!r}: {e}") from None
     return model_class(args_class.from_dict(config))
+
+
+def cast_dtype(model: nn.Module, dtype) -> None:
+    """Cast floating parameters to ``dtype`` the way mlx-lm's convert does: parameters the
+    model's ``cast_predicate`` protects (e.g. ``e_score_correction_bias``) keep their dtype;
+    TurboQuant codes are uint32 and never cast."""
+    keep = getattr(model, "cast_predicate", lambda _: True)
+
+    def cast(path, value):
+        if keep(path) and mx.issubdtype(value.dtype, mx.floating):
+            return value.astype(dtype)
+        return value
+
+    model.update(tree_map_with_path(cast, model.parameters()))
 
 
 def load(path: str | os.PathLike, dtype=None, tokenizer: bool = True):
@@ -44,7 +59,7 @@ def load(path: str | os.PathLike, dtype=None, tokenizer: bool = True):
     if dtype is None and mx.default_device() == mx.cpu:
         dtype = mx.float32
     if dtype is not None:
-        model.set_dtype(dtype)  # floating parameters only; codes stay uint32
+        cast_dtype(model, dtype)
     mx.eval(model.parameters())
     model.eval()
     if not tokenizer:
