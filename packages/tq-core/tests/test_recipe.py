@@ -92,3 +92,15 @@ def test_kind_from_leaf_name_when_the_path_is_silent():
     assert layer_kind("backbone.layers.1.mixer.q_proj", lin) == "attn"  # nemotron_h
     assert layer_kind("backbone.layers.2.mixer.down_proj", lin) == "mlp"
     assert layer_kind("backbone.layers.0.mixer.in_proj", lin) == "other"  # mamba
+
+
+def test_overrides_by_path():
+    recipe = QuantRecipe(bits=3, overrides=((r"self_attn\.q_proj$", 4), (r"up_proj$", 0)))
+    plan = plan_layers(Toy(), recipe)
+    assert plan["layers.0.self_attn.q_proj"]["bits"] == 4
+    assert "layers.0.mlp.up_proj" not in plan
+    assert plan["lm_head"]["bits"] == 3
+    with pytest.raises(ValueError, match="not a valid regex"):
+        QuantRecipe(overrides=(("(", 4),))
+    with pytest.raises(ValueError, match="bits for"):
+        QuantRecipe(overrides=(("x", 6),))

@@ -27,7 +27,7 @@ def plan_layers(model: nn.Module, recipe: QuantRecipe) -> dict[str, dict]:
         kind = layer_kind(path, module)
         if kind is None or is_kept(path, recipe):
             continue
-        bits = recipe.bits_for(kind)
+        bits = recipe.bits_for(kind, path)
         if bits == 0:
             continue
         in_dims = _weight_shape(module)[-1]

@@ -31,6 +31,8 @@ class QuantRecipe:
     span: int | None = None
     scale_method: str = "lsq"
     keep: tuple[str, ...] = field(default=DEFAULT_KEEP)
+    #: (regex, bits) pairs matched against module paths before the kind rules; 0 keeps.
+    overrides: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self):
         check_choice("bits", self.bits, WEIGHT_BITS)
@@ -40,15 +42,25 @@ class QuantRecipe:
             value = getattr(self, f"{kind}_bits")
             if value is not None:
                 check_choice(f"{kind}_bits", value, (0, *WEIGHT_BITS))
+        for pattern, bits in self.overrides:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"override pattern {pattern!r} is not a valid regex: {e}") from None
+            check_choice(f"bits for {pattern!r}", bits, (0, *WEIGHT_BITS))
 
-    def bits_for(self, kind: str) -> int:
-        """Bits for a layer kind (0 = keep unquantized)."""
+    def bits_for(self, kind: str, path: str = "") -> int:
+        """Bits for a layer of this kind at this path (0 = keep unquantized)."""
+        for pattern, bits in self.overrides:
+            if re.search(pattern, path):
+                return bits
         value = getattr(self, f"{kind}_bits", None)
         return self.bits if value is None else value
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["keep"] = list(self.keep)
+        d["overrides"] = [list(o) for o in self.overrides]
         return d
 
 
