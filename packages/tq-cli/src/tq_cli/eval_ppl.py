@@ -9,7 +9,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-DEFAULT_DATA = Path(__file__).resolve().parents[4] / ".." / "shared" / "data" / "wikitext-2-test.txt"
+#: The WikiText-2 test split beside the repository: <repo>/../shared/data/wikitext-2-test.txt.
+DEFAULT_DATA = (
+    Path(__file__).resolve().parents[4].parent / "shared" / "data" / "wikitext-2-test.txt"
+)
 
 
 def text_windows(tokenizer, path: str | Path, seq_len: int, num_seqs: int) -> mx.array:

@@ -7,11 +7,17 @@ import json
 import sys
 
 
+class CommandError(Exception):
+    """A user-facing error: main() prints ``tq <command>: <message>`` and returns 2."""
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not values:
         raise argparse.ArgumentTypeError("expected at least one integer")
     return values
@@ -92,7 +98,137 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--json", action="store_true", help="print JSON (table goes to stderr)")
     dist.add_argument("--out", help="also write the JSON to this file")
     dist.set_defaults(func=_bench_distortion)
+
+    _add_convert(sub)
+    _add_generate(sub)
+    _add_eval(sub)
     return parser
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from . import convert_cmd
+
+    return convert_cmd.run(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from . import generate_cmd
+
+    return generate_cmd.run(args)
+
+
+def _eval_ppl(args: argparse.Namespace) -> int:
+    from . import eval_cmd
+
+    return eval_cmd.run(args)
+
+
+def _add_convert(sub) -> None:
+    from .convert_cmd import add_recipe_arguments
+
+    conv = sub.add_parser(
+        "convert",
+        help="quantize a float Hugging Face / mlx-lm model into a TurboQuant checkpoint",
+        description="Quantize a float model (local directory or Hugging Face id) with "
+        "TurboQuant and write a checkpoint that `tq generate` and `tq eval` load.",
+    )
+    conv.add_argument(
+        "--model",
+        required=True,
+        metavar="SRC",
+        help="float model: a local Hugging Face-style directory or a hub id",
+    )
+    conv.add_argument("--out", required=True, metavar="DST", help="output directory")
+    add_recipe_arguments(conv)
+    conv.add_argument("--force", action="store_true", help="replace an existing DST")
+    conv.set_defaults(func=_convert, cmd_name="tq convert")
+
+
+def _add_generate(sub) -> None:
+    gen = sub.add_parser(
+        "generate",
+        help="generate text with a TurboQuant model (streams tokens, then speed stats)",
+        description="Generate text with a TurboQuant checkpoint. A float model directory is "
+        "converted once (cached in ~/.cache/tq-models/tq/); without --model the default "
+        "SmolLM2-135M-Instruct is used.",
+    )
+    gen.add_argument(
+        "--model",
+        metavar="PATH",
+        help="TurboQuant checkpoint or float model (default: SmolLM2-135M-Instruct)",
+    )
+    gen.add_argument("--preset", help="recipe for converting a float model (default tq4)")
+    gen.add_argument("--prompt", "-p", help="the prompt ('-' reads stdin; default 'hello')")
+    gen.add_argument(
+        "--chat",
+        action="store_true",
+        help="read messages from stdin, one a line, until EOF or /quit",
+    )
+    gen.add_argument("--system-prompt", help="system message for the chat template")
+    gen.add_argument(
+        "--no-chat-template",
+        "--ignore-chat-template",
+        "--raw",
+        dest="no_chat_template",
+        action="store_true",
+        help="use the prompt as is (default: the tokenizer's chat template)",
+    )
+    gen.add_argument("--max-tokens", "-m", type=int, default=100)
+    gen.add_argument("--temp", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, help="sampling seed")
+    gen.add_argument("--rep-penalty", type=float, help="repetition penalty (e.g. 1.1)")
+    gen.add_argument(
+        "--rep-ctx",
+        type=int,
+        default=20,
+        help="tokens the repetition penalty looks back on (default 20)",
+    )
+    gen.add_argument(
+        "--min-tokens",
+        type=int,
+        default=0,
+        help="forbid end-of-sequence for the first N generated tokens",
+    )
+    gen.add_argument("--verbose", action="store_true", help="speed stats after each chat reply")
+    gen.set_defaults(func=_generate, cmd_name="tq generate")
+
+
+def _add_eval(sub) -> None:
+    ev = sub.add_parser("eval", help="evaluations (perplexity)")
+    ev_sub = ev.add_subparsers(dest="evaluation", required=True)
+    ppl = ev_sub.add_parser(
+        "ppl",
+        help="perplexity on non-overlapping token windows of a text file",
+        description="Perplexity of a TurboQuant checkpoint, a float model (baseline) or its "
+        "mlx-lm affine quantization, on the first --num-seqs windows of --seq-len tokens.",
+    )
+    ppl.add_argument(
+        "--model",
+        metavar="PATH",
+        help="TurboQuant checkpoint or float model "
+        "(default: SmolLM2-135M-Instruct converted with --preset)",
+    )
+    ppl.add_argument(
+        "--preset",
+        help="convert a float --model with this TurboQuant preset (cached) and evaluate that",
+    )
+    ppl.add_argument(
+        "--data", metavar="FILE", help="text file (default: ../shared/data/wikitext-2-test.txt)"
+    )
+    ppl.add_argument("--seq-len", type=int, default=512)
+    ppl.add_argument("--num-seqs", type=int, default=16)
+    ppl.add_argument("--batch-size", type=int, default=4)
+    ppl.add_argument(
+        "--affine-bits", type=int, help="evaluate mlx-lm's affine quantization of the float --model"
+    )
+    ppl.add_argument(
+        "--affine-group-size", type=int, help="group size for --affine-bits (default 64)"
+    )
+    ppl.add_argument("--json", action="store_true", help="print JSON (table goes to stderr)")
+    ppl.set_defaults(func=_eval_ppl, cmd_name="tq eval ppl")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +236,17 @@ def main(argv: list[str] | None = None) -> int:
     from .blas_check import warn_if_reference_blas
 
     warn_if_reference_blas()
-    return args.func(args)
+    try:
+        return args.func(args)
+    except CommandError as e:
+        sys.stdout.flush()
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"{getattr(args, 'cmd_name', 'tq')}: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        print(file=sys.stderr)
+        return 130
 
 
 def cli() -> None:
