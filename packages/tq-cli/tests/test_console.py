@@ -15,10 +15,16 @@ TQ = shutil.which("tq", path=os.path.dirname(sys.executable)) or shutil.which("t
 @pytest.mark.skipif(TQ is None, reason="the tq console script is not installed")
 def test_info_json():
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "_TQ_BLAS_REEXEC")}
-    out = subprocess.run([TQ, "info", "--json"], capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run(
+        [TQ, "info", "--json"], capture_output=True, text=True, env=env, check=True
+    )
     info = json.loads(out.stdout)
     assert info["tq_core"] == "0.1.0"
-    if sys.platform.startswith("linux") and info["device"].startswith("Device(cpu") and os.path.exists(OPENBLAS):
+    if (
+        sys.platform.startswith("linux")
+        and info["device"].startswith("Device(cpu")
+        and os.path.exists(OPENBLAS)
+    ):
         # The console command re-runs itself with OpenBLAS preloaded.
         assert info["cpu_blas"] == "openblas"
 

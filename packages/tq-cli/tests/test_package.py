@@ -1,8 +1,8 @@
 """Package-level checks for tq_cli: version matches pyproject, every public name resolves."""
 
 import pathlib
-import tomllib
 
+import tomllib
 import tq_cli
 
 

@@ -73,8 +73,10 @@ def test_missing_shard_and_tensor(tmp_path):
     [
         ({"model_type": "x"}, "not a TurboQuant checkpoint"),
         ({"quantization": {"group_size": 64, "bits": 4}}, "affine"),
-        ({"quantization": {"method": "turboquant", "format_version": 99, "layers": {}}},
-         "format version 99"),
+        (
+            {"quantization": {"method": "turboquant", "format_version": 99, "layers": {}}},
+            "format version 99",
+        ),
         ({"quantization": {"method": "turboquant", "format_version": 1}}, "layers"),
     ],
 )

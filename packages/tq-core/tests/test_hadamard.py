@@ -23,8 +23,9 @@ def _matrix(n: int) -> np.ndarray:
 def test_orthonormal_and_inverse(n):
     x = mx.random.normal((3, n), key=mx.random.key(n))
     y = hadamard(x)
-    assert np.allclose(np.linalg.norm(np.array(y), axis=-1), np.linalg.norm(np.array(x), axis=-1),
-                       rtol=1e-5)
+    assert np.allclose(
+        np.linalg.norm(np.array(y), axis=-1), np.linalg.norm(np.array(x), axis=-1), rtol=1e-5
+    )
     back = inverse_hadamard(y)
     assert mx.abs(back - x).max().item() < 1e-4
 

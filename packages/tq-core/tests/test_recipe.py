@@ -69,8 +69,12 @@ def test_quantize_model_replaces_and_runs():
     assert isinstance(m.layers[0].self_attn.q_proj, TurboQuantLinear)
     assert isinstance(m.embed_tokens, TurboQuantEmbedding)
     assert isinstance(m.layers[0].mlp.gate, nn.Linear)
-    assert set(plan) == {"embed_tokens", "layers.0.self_attn.q_proj", "layers.0.mlp.up_proj",
-                         "lm_head"}
+    assert set(plan) == {
+        "embed_tokens",
+        "layers.0.self_attn.q_proj",
+        "layers.0.mlp.up_proj",
+        "lm_head",
+    }
     out = m(ids)
     assert out.shape == ref.shape and mx.all(mx.isfinite(out)).item()
 

@@ -7,8 +7,18 @@ from tq_core import make_rotation, rotate, unrotate
 
 
 @pytest.mark.parametrize(
-    "dim, block", [(64, None), (128, None), (576, None), (1536, None), (2880, None),
-                   (2880, 320), (896, 896), (96, None), (14336, 14336)]
+    "dim, block",
+    [
+        (64, None),
+        (128, None),
+        (576, None),
+        (1536, None),
+        (2880, None),
+        (2880, 320),
+        (896, 896),
+        (96, None),
+        (14336, 14336),
+    ],
 )
 def test_round_trip_and_orthogonal(dim, block):
     rot = make_rotation(dim, seed=7, block=block)

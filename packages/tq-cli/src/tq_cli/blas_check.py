@@ -25,7 +25,7 @@ def reference_blas_loaded(maps_path: str = "/proc/self/maps") -> bool:
 
 
 def blas_in_use(maps_path: str = "/proc/self/maps") -> str:
-    """"openblas", "mkl", ... when an optimized BLAS is mapped; "reference" for MLX's bundled
+    """ "openblas", "mkl", ... when an optimized BLAS is mapped; "reference" for MLX's bundled
     one; "unknown" where the maps cannot be read (macOS uses Accelerate)."""
     try:
         with open(maps_path) as f:

@@ -2,6 +2,7 @@
 
 from .checkpoint import CheckpointError, load_weights, read_quantization, save_checkpoint
 from .codebook import CODEBOOK_BITS, Codebook, gaussian_codebook, sphere_codebook
+from .embedding import TurboQuantEmbedding
 from .hadamard import (
     hadamard,
     hadamard_factor,
@@ -9,6 +10,7 @@ from .hadamard import (
     is_hadamard_size,
     largest_hadamard_block,
 )
+from .linear import TurboQuantLinear
 from .pack import PACK_BITS, pack, packed_words, unpack
 from .qjl import make_sketch, qjl_dequantize, qjl_signs
 from .quant_mse import (
@@ -20,8 +22,6 @@ from .quant_mse import (
     quantize_mse,
 )
 from .quant_prod import PROD_BITS, ProdQuantized, dequantize_prod, inner_product_prod, quantize_prod
-from .embedding import TurboQuantEmbedding
-from .linear import TurboQuantLinear
 from .quantize_model import apply_plan, plan_layers, quantize_model
 from .recipe import PRESETS, QuantRecipe, layer_kind, preset
 from .rotation import Rotation, make_rotation, rotate, unrotate

@@ -14,7 +14,7 @@ cell. Integrals are taken by cumulative quadrature on a fine grid in float64.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import mlx.core as mx
 import numpy as np
@@ -111,7 +111,7 @@ def _lloyd_max(x: np.ndarray, p: np.ndarray, levels: int) -> tuple[np.ndarray, n
     return centroids, edges, mse
 
 
-@lru_cache(maxsize=None)
+@cache
 def gaussian_codebook(bits: int) -> Codebook:
     """Lloyd-Max codebook of ``2**bits`` levels for N(0, 1)."""
     check_choice("bits", bits, CODEBOOK_BITS)
@@ -120,7 +120,7 @@ def gaussian_codebook(bits: int) -> Codebook:
     return Codebook("gaussian", bits, None, c, b, mse)
 
 
-@lru_cache(maxsize=None)
+@cache
 def sphere_codebook(bits: int, dim: int) -> Codebook:
     """Lloyd-Max codebook for one coordinate of a uniform random unit vector in R^dim."""
     check_choice("bits", bits, CODEBOOK_BITS)

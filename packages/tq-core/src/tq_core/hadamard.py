@@ -11,7 +11,7 @@ the order is probed once per device and size, and the transpose applied to match
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import mlx.core as mx
 
@@ -84,7 +84,7 @@ def _base_matrix(m: int) -> mx.array:
     return _base_matrix_on(m, str(mx.default_device()))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _base_matrix_on(m: int, device: str) -> mx.array:
     return mx.hadamard_transform(mx.eye(m, dtype=mx.float32), scale=m**-0.5)
 

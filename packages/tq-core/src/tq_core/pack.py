@@ -9,7 +9,7 @@ The last axis is zero-padded to a multiple of 32 values; :func:`unpack` takes th
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import mlx.core as mx
 import numpy as np
@@ -26,7 +26,7 @@ def packed_words(length: int, bits: int) -> int:
     return -(-length // 32) * bits
 
 
-@lru_cache(maxsize=None)
+@cache
 def _layout(bits: int):
     """Per-value word index, shift, and (for straddling values) the high part's shift."""
     start = np.arange(32) * bits

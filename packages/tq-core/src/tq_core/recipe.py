@@ -46,7 +46,9 @@ class QuantRecipe:
             try:
                 re.compile(pattern)
             except re.error as e:
-                raise ValueError(f"override pattern {pattern!r} is not a valid regex: {e}") from None
+                raise ValueError(
+                    f"override pattern {pattern!r} is not a valid regex: {e}"
+                ) from None
             check_choice(f"bits for {pattern!r}", bits, (0, *WEIGHT_BITS))
 
     def bits_for(self, kind: str, path: str = "") -> int:

@@ -34,9 +34,7 @@ class TurboQuantWeights(nn.Module):
         super().__init__()
         *lead, out_dims, in_dims = shape
         if in_dims % group_size:
-            raise ValueError(
-                f"group_size={group_size} must divide the input dimension {in_dims}"
-            )
+            raise ValueError(f"group_size={group_size} must divide the input dimension {in_dims}")
         self.bits, self.group_size, self.seed = bits, group_size, seed
         self.span = span or group_size
         self.indices = mx.zeros((*lead, out_dims, packed_words(in_dims, bits)), dtype=mx.uint32)
@@ -61,6 +59,4 @@ class TurboQuantWeights(nn.Module):
         self.indices, self.scales = q.indices, q.scales
 
     def _extra_repr(self) -> str:
-        return (
-            f"bits={self.bits}, group_size={self.group_size}, span={self.span}, seed={self.seed}"
-        )
+        return f"bits={self.bits}, group_size={self.group_size}, span={self.span}, seed={self.seed}"

@@ -81,7 +81,9 @@ def quantize_weight(
             f"(weight shape {w.shape})"
         )
     if rotation.dim != in_features:
-        raise ValueError(f"rotation.dim={rotation.dim} must equal the input dimension {in_features}")
+        raise ValueError(
+            f"rotation.dim={rotation.dim} must equal the input dimension {in_features}"
+        )
     codebook = gaussian_codebook(bits)
     centroids, bounds = codebook.centroids_mx(), codebook.boundaries_mx()
     groups = rotate(w.astype(mx.float32), rotation)

@@ -1,4 +1,4 @@
-"""tq-kvcache: TurboQuant KV cache for mlx-lm (attention over packed K/V). Scaffold: API lands later."""
+"""tq-kvcache: TurboQuant KV cache for mlx-lm (attention over packed K/V). Scaffold for now."""
 
 __version__ = "0.1.0"
 

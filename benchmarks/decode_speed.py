@@ -1,0 +1,120 @@
+"""Decode tokens/s of one model architecture as float16, mlx affine and TurboQuant, side by
+side in one run (random weights of the real shapes: speed does not depend on their values).
+
+usage: python benchmarks/decode_speed.py --model-dir DIR_WITH_CONFIG_AND_TOKENIZER
+           [--variants fp16,affine4,affine3,tq4,tq3] [--tokens 128] [--repeats 3] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.generate import stream_generate
+from mlx_lm.sample_utils import make_sampler
+from mlx_lm.utils import load_config, load_tokenizer
+from tq_core import QuantRecipe, quantize_model
+from tq_core.lm.load import build_model
+
+PROMPT = "Write a long story about a lighthouse keeper and the sea. " * 2
+
+
+def make_model(config: dict, variant: str) -> nn.Module:
+    mx.random.seed(0)
+    model = build_model(config)
+    model.update(
+        tree_map(
+            lambda p: (0.02 * mx.random.normal(p.shape)).astype(mx.float16), model.parameters()
+        )
+    )
+    mx.eval(model.parameters())
+    if variant.startswith("affine"):
+        nn.quantize(model, group_size=64, bits=int(variant[-1]))
+    elif variant.startswith("tq"):
+        quantize_model(model, QuantRecipe(bits=int(variant[-1]), group_size=64))
+        model.set_dtype(mx.float16)
+    mx.eval(model.parameters())
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def decode_run(model, tokenizer, tokens: int) -> dict:
+    last = None
+    for last in stream_generate(
+        model, tokenizer, PROMPT, max_tokens=tokens, sampler=make_sampler(temp=0.0)
+    ):
+        pass
+    return {
+        "decode_tps": last.generation_tps,
+        "prompt_tps": last.prompt_tps,
+        "generated": last.generation_tokens,
+        "peak_gb": last.peak_memory,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--variants", default="fp16,affine4,affine3,tq4,tq3")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    config = load_config(__import__("pathlib").Path(args.model_dir))
+    config.pop("quantization", None)
+    tokenizer = load_tokenizer(args.model_dir)
+    # Never stop early at EOS: every run decodes the same number of tokens.
+    tokenizer._eos_token_ids = set()
+    rows = []
+    for variant in args.variants.split(","):
+        model = make_model(config, variant)
+        decode_run(model, tokenizer, 8)  # warmup (kernel compilation, allocations)
+        runs = [decode_run(model, tokenizer, args.tokens) for _ in range(args.repeats)]
+        row = {
+            "variant": variant,
+            "device": str(mx.default_device()),
+            "weight_bytes": weight_bytes(model),
+            "decode_tps_median": statistics.median(r["decode_tps"] for r in runs),
+            "prompt_tps_median": statistics.median(r["prompt_tps"] for r in runs),
+            "peak_gb": max(r["peak_gb"] for r in runs),
+            "runs": runs,
+        }
+        rows.append(row)
+        print(
+            f"{variant:8s} decode {row['decode_tps_median']:8.1f} tok/s  "
+            f"prompt {row['prompt_tps_median']:8.1f} tok/s  weights "
+            f"{row['weight_bytes'] / 1e6:8.1f} MB",
+            flush=True,
+        )
+        del model
+        mx.clear_cache()
+    base = {r["variant"]: r["decode_tps_median"] for r in rows}
+    for r in rows:
+        for ref in ("fp16", "affine4", "affine3"):
+            if ref in base:
+                r[f"ratio_to_{ref}"] = r["decode_tps_median"] / base[ref]
+    out = {
+        "benchmark": "decode_speed",
+        "model_dir": args.model_dir,
+        "tokens": args.tokens,
+        "repeats": args.repeats,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "rows": rows,
+    }
+    text = json.dumps(out, indent=2)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
