@@ -24,6 +24,7 @@ def test_round_trip_and_shards(tmp_path):
     out = save_checkpoint(m, _config(), tmp_path / "ck", max_shard_bytes=10_000)
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(shards) >= 2 and shards[0].startswith("model-00001-of-")
+    assert out.stat().st_mode & 0o777 == 0o755
     w = load_weights(out)
     assert mx.array_equal(w["layers.0.weight"], m.layers[0].weight).item()
     config, quant = read_quantization(out)

@@ -126,6 +126,8 @@ def save_checkpoint(
                 src = Path(tokenizer_dir) / fname
                 if src.exists():
                     shutil.copy2(src, tmp / fname)
+        # mkdtemp makes the directory private (0700); a checkpoint is an ordinary folder.
+        os.chmod(tmp, 0o755)
         _publish(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

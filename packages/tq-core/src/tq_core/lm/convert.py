@@ -24,9 +24,10 @@ def _resolve(src: str | os.PathLike) -> Path:
     try:
         return _download(str(src))
     except Exception as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(
             f"model {src!r} is neither a local directory nor reachable on the Hugging Face hub "
-            f"({type(e).__name__}: {e})"
+            f"({type(e).__name__}: {first_line})"
         ) from None
 
 
@@ -42,9 +43,12 @@ def load_source(src: str | os.PathLike) -> tuple[nn.Module, dict, Path]:
         raise ValueError(f"{path}: no config.json; expected a Hugging Face model directory")
     config = load_config(path)
     if "quantization" in config:
+        quant = config["quantization"]
+        method = quant.get("method") if isinstance(quant, dict) else None
+        what = "a TurboQuant checkpoint" if method == "turboquant" else "quantized by mlx-lm"
         raise ValueError(
-            f"{path} is already quantized by mlx-lm ({config['quantization']}); TurboQuant "
-            "converts float checkpoints: use the unquantized original"
+            f"{path} is already {what}; TurboQuant converts float checkpoints: use the "
+            "unquantized original"
         )
     hf_quant = config.get("quantization_config") or {}
     method = hf_quant.get("quant_method")
