@@ -28,7 +28,9 @@ MODEL = Path("~/.cache/tq-models/smollm2-135m-instruct").expanduser()
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2-test.txt"
 
 
-def _affine(model: nn.Module, bits: int, group_size: int, keep_embed: bool) -> tuple[int, int]:
+def _affine(
+    model: nn.Module, bits: int, group_size: int, keep_embed: bool, overrides=()
+) -> tuple[int, int]:
     """Fake-quantize like nn.quantize: returns (quantized weights, their storage bits)."""
     count = storage = 0
     for path, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
@@ -126,7 +128,13 @@ def run_row(name: str, windows: mx.array) -> dict:
     )
     start = time.time()
     if row["kind"] == "affine":
-        count, storage = _affine(model, row["bits"], row["group_size"], row.get("embed_bits") == 0)
+        count, storage = _affine(
+            model,
+            row["bits"],
+            row["group_size"],
+            row.get("embed_bits") == 0,
+            tuple(tuple(o) for o in row.get("overrides", ())),
+        )
     elif row["kind"] == "tq":
         fields = {
             k: row[k]

@@ -548,7 +548,8 @@ def test_affine_roundtrip_is_mlx_lm_affine_quantization(float_model):
     model, _ = load(str(float_model))
     stats = affine_roundtrip(model, 4, 32)
     assert stats["layers"] == TINY_LAYERS
-    np.testing.assert_allclose(np.array(model(x)), np.array(quantized(x)), rtol=1e-4, atol=1e-4)
+    tol = 1e-4 if mx.default_device() == mx.cpu else 5e-3  # GPU matmuls may use TF32
+    np.testing.assert_allclose(np.array(model(x)), np.array(quantized(x)), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize(

@@ -73,10 +73,22 @@ def _check_size(x: mx.array) -> int:
     return n
 
 
+def _transform(x: mx.array, n: int) -> mx.array:
+    try:
+        return mx.hadamard_transform(x, scale=n**-0.5)
+    except RuntimeError as e:
+        # mlx 0.32.4's CUDA backend fails to build the m = 20 and 28 kernels (H100).
+        raise ValueError(
+            f"Hadamard size {n} (m = {hadamard_factor(n)[0]}) is not available on "
+            f"{mx.default_device()}: {str(e).splitlines()[0]}; use a rotation block with "
+            "m = 1 or 12 (the default)"
+        ) from None
+
+
 def hadamard(x: mx.array) -> mx.array:
     """Orthonormal Walsh-Hadamard transform along the last axis: ``x @ H`` with H H^T = I."""
     n = _check_size(x)
-    return mx.hadamard_transform(x, scale=n**-0.5)
+    return _transform(x, n)
 
 
 def _base_matrix(m: int) -> mx.array:
@@ -86,7 +98,7 @@ def _base_matrix(m: int) -> mx.array:
 
 @cache
 def _base_matrix_on(m: int, device: str) -> mx.array:
-    return mx.hadamard_transform(mx.eye(m, dtype=mx.float32), scale=m**-0.5)
+    return _transform(mx.eye(m, dtype=mx.float32), m)
 
 
 def _mix(a: mx.array, blocks: mx.array) -> mx.array:
@@ -120,7 +132,7 @@ def _m_outer(m: int, p: int) -> bool:
     key = (str(mx.default_device()), m, p)
     if key not in _ORDER:
         x = mx.random.normal((1, m * p), key=mx.random.key(m * p))
-        y = mx.hadamard_transform(x, scale=(m * p) ** -0.5)
+        y = _transform(x, m * p)
         base = _base_matrix(m)
         errors = [
             mx.abs(_apply_kron(x, m, p, base, outer) - y).max().item() for outer in (True, False)

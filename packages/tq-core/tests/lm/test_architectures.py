@@ -45,6 +45,9 @@ from tq_core import (  # noqa: E402
 from tq_core.lm import convert, load  # noqa: E402
 
 
+# float32 matmuls are exact to ~1e-6 on the CPU; a GPU may round them through TF32 (~1e-3).
+TOL = 1e-5 if mx.default_device() == mx.cpu else 1e-3
+
 def _import_tiny_models():
     name = "tq_core_tests_lm_tiny_models"
     if name not in sys.modules:
@@ -126,7 +129,7 @@ def _source(arch: str, root: str):
     reloaded, _ = load_model(src)
     reloaded.eval()
     # Bit-exact except for the MXFP4 source, read back as quantized experts (gather_qmm).
-    assert mx.allclose(reloaded(_tokens()), logits, atol=1e-5, rtol=1e-5).item(), arch
+    assert mx.allclose(reloaded(_tokens()), logits, atol=TOL, rtol=TOL).item(), arch
     mx.eval(logits)
     return src, logits
 
@@ -192,7 +195,7 @@ def test_loaded_equals_in_memory(case):
     tokens = _tokens()
     a, b = loaded(tokens), memory(tokens)
     assert a.dtype == mx.float32
-    assert mx.allclose(a, b, atol=1e-5 * mx.abs(b).max().item(), rtol=0).item(), arch
+    assert mx.allclose(a, b, atol=TOL * mx.abs(b).max().item(), rtol=0).item(), arch
 
 
 def test_tq_forward_is_dequantized_math(case):
@@ -207,7 +210,7 @@ def test_tq_forward_is_dequantized_math(case):
         float_layer.weight = w
     tokens = _tokens()
     a, b = loaded(tokens), reference(tokens)
-    assert mx.allclose(a, b, atol=1e-4 * mx.abs(b).max().item(), rtol=0).item(), (
+    assert mx.allclose(a, b, atol=10 * TOL * mx.abs(b).max().item(), rtol=0).item(), (
         arch,
         mx.abs(a - b).max().item(),
     )
@@ -296,4 +299,4 @@ def test_greedy_generation(case):
     # absorbed path) matches one forward pass over the whole sequence.
     full = loaded(mx.concatenate([prompt, mx.array(tokens[:-1])])[None])[0, len(prompt) - 1 :]
     err = mx.abs(full - step_logits).max().item()
-    assert err < 1e-4 * mx.abs(full).max().item(), (arch, err)
+    assert err < 10 * TOL * mx.abs(full).max().item(), (arch, err)
