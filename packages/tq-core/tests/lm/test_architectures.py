@@ -44,9 +44,9 @@ from tq_core import (  # noqa: E402
 )
 from tq_core.lm import convert, load  # noqa: E402
 
-
 # float32 matmuls are exact to ~1e-6 on the CPU; a GPU may round them through TF32 (~1e-3).
 TOL = 1e-5 if mx.default_device() == mx.cpu else 1e-3
+
 
 def _import_tiny_models():
     name = "tq_core_tests_lm_tiny_models"
