@@ -4,9 +4,9 @@
 Measured with mlx 0.32.4: other sizes (576, 2880) do not raise but corrupt the heap, so every
 size is validated here before MLX sees it. For m = 1 and 12 the orthonormal transform is
 symmetric (its own inverse); for m = 20 and 28 it is not, and its inverse is its transpose.
-MLX's transform is a Kronecker product of H_m and H_{2^k}, but the order differs between
-backends (CPU: ``x @ kron(H_m, H_2^k)``; the CUDA backend differs, measured on an H100), so
-the order is probed once per device and size, and the transpose applied to match.
+MLX's transform is a Kronecker product of H_m and H_{2^k}; the CPU computes
+``x @ kron(H_m, H_2^k)``, and since nothing documents the order for other backends it is
+probed once per device and size, and the transpose applied to match.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def _transform(x: mx.array, n: int) -> mx.array:
     try:
         return mx.hadamard_transform(x, scale=n**-0.5)
     except RuntimeError as e:
-        # mlx 0.32.4's CUDA backend fails to build the m = 20 and 28 kernels (H100).
+        # A backend without a kernel for this size (seen: CUDA, size m = 20 or 28 alone).
         raise ValueError(
             f"Hadamard size {n} (m = {hadamard_factor(n)[0]}) is not available on "
             f"{mx.default_device()}: {str(e).splitlines()[0]}; use a rotation block with "
@@ -92,13 +92,18 @@ def hadamard(x: mx.array) -> mx.array:
 
 
 def _base_matrix(m: int) -> mx.array:
-    """The orthonormal m x m base block this device's MLX uses (so the inverse matches it)."""
-    return _base_matrix_on(m, str(mx.default_device()))
+    """The orthonormal m x m base block (H_m) of MLX's transform. It is read off the CPU
+    backend, whose size-m kernel always builds (mlx 0.32.4's CUDA backend cannot compile a
+    transform of size m alone); the per-device probe in :func:`_m_outer` then checks that
+    this device's larger transforms are built from the same H_m."""
+    return _base_matrix_cpu(m)
 
 
 @cache
-def _base_matrix_on(m: int, device: str) -> mx.array:
-    return _transform(mx.eye(m, dtype=mx.float32), m)
+def _base_matrix_cpu(m: int) -> mx.array:
+    base = mx.hadamard_transform(mx.eye(m, dtype=mx.float32), scale=m**-0.5, stream=mx.cpu)
+    mx.eval(base)
+    return base
 
 
 def _mix(a: mx.array, blocks: mx.array) -> mx.array:
