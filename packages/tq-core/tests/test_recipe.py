@@ -108,3 +108,14 @@ def test_overrides_by_path():
         QuantRecipe(overrides=(("(", 4),))
     with pytest.raises(ValueError, match="bits for"):
         QuantRecipe(overrides=(("x", 6),))
+
+
+def test_low_bit_presets_keep_v_proj_at_4_bits():
+    from mlx_lm.models import llama
+
+    args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=1,
+                           intermediate_size=128, num_attention_heads=2, num_key_value_heads=1,
+                           rms_norm_eps=1e-5, vocab_size=64)  # fmt: skip
+    plan = plan_layers(llama.Model(args), preset("tq3"))
+    assert plan["model.layers.0.self_attn.v_proj"]["bits"] == 4
+    assert plan["model.layers.0.self_attn.q_proj"]["bits"] == 3
