@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -38,9 +39,10 @@ def _affine(
             continue
         if keep_embed and isinstance(m, nn.Embedding):
             continue
+        here = next((b for pattern, b in overrides if re.search(pattern, path)), bits)
         w = m.weight.astype(mx.float16)
-        wq, s, b = mx.quantize(w, group_size, bits)
-        m.weight = mx.dequantize(wq, s, b, group_size, bits).astype(mx.float32)
+        wq, s, b = mx.quantize(w, group_size, here)
+        m.weight = mx.dequantize(wq, s, b, group_size, here).astype(mx.float32)
         count += w.size
         storage += wq.size * 32 + (s.size + b.size) * 16
     return count, storage
