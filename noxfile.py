@@ -1,25 +1,40 @@
 """nox sessions: lint, each package alone in a fresh environment, integration, wheels.
 
-Each package session installs only that package and the closure of what its pyproject.toml
-declares (non-editable, from local paths, never from a registry under our names), plus
-MLX's CPU backend on Linux and pytest, then runs that package's tests: this is what proves
-that `pip install tq-kvcache` alone works.
+Each package session (core, kernels, kvcache, stream, cli) creates a fresh venv holding only
+that package and the closure of what its pyproject.toml declares (tq packages and their extras,
+recursively; see tests/dependency_rules.py), installed non-editable from the local folders,
+plus MLX's CPU backend on Linux and pytest, and checks that no other tq package is there before
+running that package's tests: an import of an undeclared tq package fails the session.
+
+    uv run --frozen nox                # every session, as CI does
+    uv run --frozen nox -s kvcache     # one session
+    uv run --frozen nox -s stream -- -k reader   # extra arguments go to pytest
+
+The environment (LD_PRELOAD, TQ_*, HF_*) reaches every command unchanged.
 """
 
 from __future__ import annotations
 
-import re
+import importlib.util
 import sys
 import tempfile
 from pathlib import Path
 
 import nox
-import tomllib
 
 ROOT = Path(__file__).resolve().parent
 PACKAGES = ROOT / "packages"
+
+_spec = importlib.util.spec_from_file_location(
+    "dependency_rules", ROOT / "tests" / "dependency_rules.py"
+)
+rules = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("dependency_rules", rules)
+_spec.loader.exec_module(rules)
+
 nox.options.default_venv_backend = "uv"
 nox.options.error_on_missing_interpreters = False
+nox.options.reuse_venv = "no"  # a fresh venv every run; uv's cache keeps it quick
 nox.options.sessions = [
     "lint",
     "core",
@@ -30,134 +45,142 @@ nox.options.sessions = [
     "integration",
     "wheels",
 ]
-PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+#: Sessions run on the interpreter nox runs on (python=None).
+PYTHON = None
+#: Linux has no default MLX backend: tests run on the CPU one.
 BACKEND = ["mlx[cpu]"] if sys.platform.startswith("linux") else []
 
-
-def _deps(name: str) -> list[tuple[str, set[str]]]:
-    project = tomllib.loads((PACKAGES / name / "pyproject.toml").read_text())["project"]
-    out = []
-    for req in project.get("dependencies", []):
-        m = re.match(r"\s*([A-Za-z0-9_.-]+)\s*(\[([^\]]*)\])?", req)
-        if m.group(1).startswith("tq-"):
-            out.append(
-                (m.group(1), {e.strip() for e in (m.group(3) or "").split(",") if e.strip()})
-            )
-    return out
-
-
-def closure(name: str, extras: frozenset[str] = frozenset()) -> dict[str, set[str]]:
-    """{package: extras} for ``name`` and every tq package it declares, recursively."""
-    found: dict[str, set[str]] = {name: set(extras)}
-    todo = [name]
-    while todo:
-        for dep, dep_extras in _deps(todo.pop()):
-            if dep not in found or not dep_extras <= found[dep]:
-                found.setdefault(dep, set()).update(dep_extras)
-                todo.append(dep)
-    return found
+#: Run in a session's venv with the expected tq distributions as arguments: exactly those are
+#: installed, each from a local file or folder (never an index), none editable.
+VERIFY_INSTALLED = """
+import importlib, importlib.metadata as md, json, sys
+want, got = set(sys.argv[1:]), {}
+for dist in md.distributions():
+    name = dist.metadata["Name"].lower().replace("_", "-")
+    if name.startswith("tq-"):
+        got[name] = json.loads(dist.read_text("direct_url.json") or "{}")
+assert set(got) == want, f"installed tq packages {sorted(got)}, expected exactly {sorted(want)}"
+for name, direct in sorted(got.items()):
+    url = direct.get("url", "")
+    assert url.startswith("file://"), f"{name} came from {url or 'an index'}, not a local path"
+    assert not direct.get("dir_info", {}).get("editable"), f"{name} is installed editable"
+    module = importlib.import_module(name.replace("-", "_"))
+    print(name, module.__version__, url)
+"""
 
 
-def _requirements(packages: dict[str, set[str]]) -> list[str]:
-    reqs = []
-    for pkg, extras in sorted(packages.items()):
-        suffix = f"[{','.join(sorted(extras))}]" if extras else ""
-        reqs.append(f"{pkg}{suffix} @ {(PACKAGES / pkg).as_uri()}")
-    return reqs
+def _verify_script(folder: str) -> str:
+    path = Path(folder) / "verify_installed.py"
+    path.write_text(VERIFY_INSTALLED)
+    return str(path)
+
+
+def _locked(name: str) -> str:
+    """``name==version`` as uv.lock has it, so a session runs the tool the dev env runs."""
+    lock = rules.tomllib.loads((ROOT / "uv.lock").read_text())
+    versions = [p["version"] for p in lock.get("package", []) if p["name"] == name]
+    return f"{name}=={versions[0]}" if versions else name
+
+
+def _extras(extras: frozenset[str]) -> str:
+    return f"[{','.join(sorted(extras))}]" if extras else ""
+
+
+def _install_local(session: nox.Session, wanted: dict[str, frozenset[str]]) -> None:
+    """Install exactly ``wanted`` ({package: extras}) from the workspace folders, non-editable,
+    with MLX's backend and pytest; then prove nothing else of ours came in."""
+    local = [f"{p}{_extras(e)} @ {(PACKAGES / p).as_uri()}" for p, e in sorted(wanted.items())]
+    # --no-sources: without it uv follows [tool.uv.sources] workspace = true and installs the
+    # dependencies editable; with it each one is the folder named here, built as a wheel.
+    session.install("--no-sources", *local, *BACKEND, _locked("pytest"))
+    session.run("python", _verify_script(session.virtualenv.location), *sorted(wanted))
+
+
+def _pytest(session: nox.Session, *args: str, **kwargs) -> None:
+    session.run(
+        "python", "-m", "pytest", *args, "-q", "-ra", "-p", "no:cacheprovider",
+        "--import-mode=importlib", *session.posargs, **kwargs,
+    )  # fmt: skip
+
+
+def _package_session(session: nox.Session, name: str, extras: frozenset[str] = frozenset()):
+    packages = rules.load_packages(PACKAGES)
+    _install_local(session, rules.closure(packages, name, extras))
+    with session.chdir(PACKAGES / name):
+        # -c and --rootdir: the package's own pyproject.toml (no pytest section) is the config,
+        # so the workspace's testpaths/addopts stay out. Exit 5 (no tests yet) passes.
+        _pytest(session, "tests", "-c", "pyproject.toml", "--rootdir", ".", success_codes=[0, 5])
 
 
 @nox.session(python=PYTHON)
-def lint(session):
-    session.install("ruff")
+def lint(session: nox.Session) -> None:
+    session.install(_locked("ruff"))
     session.run("ruff", "check", ".")
 
 
-def _package_session(session, name: str, extras: frozenset[str] = frozenset()):
-    session.install(*_requirements(closure(name, extras)), *BACKEND, "pytest")
-    session.chdir(PACKAGES / name)
-    session.run(
-        "python",
-        "-m",
-        "pytest",
-        "tests",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "--import-mode=importlib",
-        "--rootdir",
-        ".",
-        success_codes=[0, 5],
-    )
-
-
 @nox.session(python=PYTHON)
-def core(session):
-    # tq-core's own tests include its [lm] extra (tests/lm needs mlx-lm).
+def core(session: nox.Session) -> None:
+    # tq-core's tests cover its [lm] extra too (tests/lm needs mlx-lm).
     _package_session(session, "tq-core", frozenset({"lm"}))
 
 
 @nox.session(python=PYTHON)
-def kernels(session):
+def kernels(session: nox.Session) -> None:
     _package_session(session, "tq-kernels")
 
 
 @nox.session(python=PYTHON)
-def kvcache(session):
+def kvcache(session: nox.Session) -> None:
     _package_session(session, "tq-kvcache")
 
 
 @nox.session(python=PYTHON)
-def stream(session):
+def stream(session: nox.Session) -> None:
     _package_session(session, "tq-stream")
 
 
 @nox.session(python=PYTHON)
-def cli(session):
+def cli(session: nox.Session) -> None:
     _package_session(session, "tq-cli")
 
 
 @nox.session(python=PYTHON)
-def integration(session):
-    session.install(*_requirements(closure("tq-cli")), *BACKEND, "pytest")
-    session.run(
-        "python", "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider", "--import-mode=importlib"
-    )
+def integration(session: nox.Session) -> None:
+    """All five packages (tq-core with [lm]) installed together; the workspace's tests/."""
+    packages = rules.load_packages(PACKAGES)
+    everything: dict[str, frozenset[str]] = {}
+    for name in packages:
+        for pkg, extras in rules.closure(packages, name).items():
+            everything[pkg] = everything.get(pkg, frozenset()) | extras
+    everything["tq-core"] |= {"lm"}
+    _install_local(session, everything)
+    _pytest(session, "tests")
 
 
 @nox.session(python=PYTHON, venv_backend="none")
-def wheels(session):
-    """Build all five wheels and sdists; install each wheel (by file, with its tq closure)
-    into a clean venv and import it."""
-    with tempfile.TemporaryDirectory() as tmp:
+def wheels(session: nox.Session) -> None:
+    """Build every wheel and sdist; install each wheel with its tq closure, by file, into a
+    clean venv, and import it."""
+    packages = rules.load_packages(PACKAGES)
+    with tempfile.TemporaryDirectory(prefix="tq-wheels-") as tmp:
         dist = Path(tmp) / "dist"
-        session.run("uv", "build", "--all-packages", "-o", str(dist), external=True)
-        wheels = {w.name.split("-")[0].replace("_", "-"): w for w in dist.glob("*.whl")}
-        sdists = list(dist.glob("*.tar.gz"))
-        names = sorted(p.name for p in PACKAGES.iterdir() if (p / "pyproject.toml").exists())
-        if sorted(wheels) != names or len(sdists) != len(names):
-            session.error(f"expected 5 wheels and 5 sdists, got {sorted(wheels)}, {sdists}")
-        for name in names:
+        session.run("uv", "build", "--all-packages", "-q", "-o", str(dist), external=True)
+        wheels = {rules.normalize(w.name.split("-")[0]): w for w in dist.glob("*.whl")}
+        sdists = {rules.normalize(s.name.split("-")[0]) for s in dist.glob("*.tar.gz")}
+        if sorted(wheels) != sorted(packages) or sdists != set(packages):
+            session.error(
+                f"expected a wheel and an sdist of each of {sorted(packages)}; "
+                f"got wheels {sorted(w.name for w in wheels.values())}, sdists {sorted(sdists)}"
+            )
+        session.log(f"built {len(wheels)} wheels and {len(sdists)} sdists")
+        for name in sorted(packages):
             venv = Path(tmp) / f"venv-{name}"
+            python = str(venv / "bin" / "python")
+            wanted = rules.closure(packages, name)
+            files = [f"{p}{_extras(e)} @ {wheels[p].as_uri()}" for p, e in sorted(wanted.items())]
             session.run("uv", "venv", "-q", "--python", sys.executable, str(venv), external=True)
-            files = [
-                str(wheels[p]) + (f"[{','.join(sorted(e))}]" if e else "")
-                for p, e in sorted(closure(name).items())
-            ]
             session.run(
-                "uv",
-                "pip",
-                "install",
-                "-q",
-                "--python",
-                str(venv / "bin" / "python"),
-                *files,
-                *BACKEND,
-                external=True,
+                "uv", "pip", "install", "-q", "--python", python, *files, *BACKEND, external=True
             )
-            module = name.replace("-", "_")
-            session.run(
-                str(venv / "bin" / "python"),
-                "-c",
-                f"import {module}; print('{name}', {module}.__version__)",
-                external=True,
-            )
+            session.run(python, _verify_script(tmp), *sorted(wanted), external=True)
