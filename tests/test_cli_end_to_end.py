@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 TQ = shutil.which("tq", path=os.path.dirname(sys.executable)) or shutil.which("tq")
-HELPERS = Path(__file__).parents[1] / "packages/tq-cli/tests/test_convert_generate_eval.py"
+HELPERS = Path(__file__).parents[1] / "packages/tq-cli/tests/tq_cli_testkit.py"
 
 pytestmark = pytest.mark.skipif(TQ is None, reason="the tq console script is not installed")
 
