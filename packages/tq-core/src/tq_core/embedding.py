@@ -5,9 +5,16 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .rotation import rotate, unrotate
+from . import dispatch
+from .rotation import unrotate
 from .weight_layer import TurboQuantWeights, compute_dtype
-from .weights import QuantizedWeight, dequantize_weight_rotated
+from .weights import (
+    QJLResidual,
+    QuantizedWeight,
+    dequantize_qjl_rotated,
+    dequantize_weight_rotated,
+    qjl_sketch_values,
+)
 
 
 class TurboQuantEmbedding(TurboQuantWeights):
@@ -22,26 +29,43 @@ class TurboQuantEmbedding(TurboQuantWeights):
         group_size: int = 64,
         seed: int = 0,
         span: int | None = None,
+        use_qjl: bool = False,
     ):
-        super().__init__((num_embeddings, dims), bits, group_size, seed, span)
+        super().__init__((num_embeddings, dims), bits, group_size, seed, span, use_qjl)
 
     @classmethod
     def from_embedding(
-        cls, emb: nn.Embedding, bits: int, group_size: int, seed=0, span=None, scale_method="lsq"
+        cls,
+        emb: nn.Embedding,
+        bits: int,
+        group_size: int,
+        seed=0,
+        span=None,
+        scale_method="lsq",
+        use_qjl: bool = False,
     ) -> TurboQuantEmbedding:
         num, dims = emb.weight.shape
-        layer = cls(num, dims, bits, group_size, seed, span)
+        layer = cls(num, dims, bits, group_size, seed, span, use_qjl)
         layer.set_weight(emb.weight, scale_method)
         layer.freeze()
         return layer
 
     def __call__(self, ids: mx.array) -> mx.array:
         rows = QuantizedWeight(self.indices[ids], self.scales[ids], self.bits, self.group_size)
-        out = unrotate(dequantize_weight_rotated(rows), self.rotation())
+        rotated = dequantize_weight_rotated(rows)
+        if self.use_qjl:
+            res = QJLResidual(self.qjl_signs[ids], self.qjl_scales[ids], self.group_size)
+            rotated = rotated + dequantize_qjl_rotated(res, self.sketch())
+        out = unrotate(rotated, self.rotation())
         # The residual stream starts here: float32 on the CPU, the stored dtype on a GPU.
         return out.astype(mx.float32 if mx.default_device() == mx.cpu else self.scales.dtype)
 
     def as_linear(self, x: mx.array) -> mx.array:
         dtype = compute_dtype(x)
-        w = dequantize_weight_rotated(self.codes(), dtype=dtype)
-        return (rotate(x.astype(dtype), self.rotation()) @ w.T).astype(x.dtype)
+        x_rot, x_sketch = self.rotated_inputs(x.astype(dtype))
+        y = dispatch.call_kernel("weight_matmul", x_rot, self.codes(), self.qjl(), x_sketch)
+        if y is None:
+            y = x_rot @ dequantize_weight_rotated(self.codes(), dtype=dtype).T
+            if self.use_qjl:
+                y = y + x_sketch @ qjl_sketch_values(self.qjl(), dtype=dtype).T
+        return y.astype(x.dtype)

@@ -5,14 +5,16 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .rotation import rotate
+from . import dispatch
 from .weight_layer import TurboQuantWeights, compute_dtype
-from .weights import dequantize_weight_rotated
+from .weights import dequantize_weight_rotated, qjl_sketch_values
 
 
 class TurboQuantLinear(TurboQuantWeights):
     """``y = (s ⊙ C[idx]) (R x) + b``: rotate the activation once, multiply by the codebook
-    weights in the rotated basis (reference path: dequantize, then ``matmul``)."""
+    weights in the rotated basis; with QJL add ``(gamma ⊙ z) (S R x)``. A registered fused
+    kernel runs the product where it applies; the reference path dequantizes, then
+    ``matmul``."""
 
     def __init__(
         self,
@@ -23,8 +25,9 @@ class TurboQuantLinear(TurboQuantWeights):
         group_size: int = 64,
         seed: int = 0,
         span: int | None = None,
+        use_qjl: bool = False,
     ):
-        super().__init__((output_dims, input_dims), bits, group_size, seed, span)
+        super().__init__((output_dims, input_dims), bits, group_size, seed, span, use_qjl)
         if bias:
             self.bias = mx.zeros((output_dims,))
         self.freeze()
@@ -42,9 +45,10 @@ class TurboQuantLinear(TurboQuantWeights):
         seed: int = 0,
         span: int | None = None,
         scale_method: str = "lsq",
+        use_qjl: bool = False,
     ) -> TurboQuantLinear:
         out_dims, in_dims = linear.weight.shape
-        layer = cls(in_dims, out_dims, "bias" in linear, bits, group_size, seed, span)
+        layer = cls(in_dims, out_dims, "bias" in linear, bits, group_size, seed, span, use_qjl)
         layer.set_weight(linear.weight, scale_method)
         if "bias" in linear:
             layer.bias = linear.bias
@@ -53,8 +57,12 @@ class TurboQuantLinear(TurboQuantWeights):
 
     def __call__(self, x: mx.array) -> mx.array:
         dtype = compute_dtype(x)
-        w = dequantize_weight_rotated(self.codes(), dtype=dtype)
-        y = rotate(x.astype(dtype), self.rotation()) @ w.T
+        x_rot, x_sketch = self.rotated_inputs(x.astype(dtype))
+        y = dispatch.call_kernel("weight_matmul", x_rot, self.codes(), self.qjl(), x_sketch)
+        if y is None:
+            y = x_rot @ dequantize_weight_rotated(self.codes(), dtype=dtype).T
+            if self.use_qjl:
+                y = y + x_sketch @ qjl_sketch_values(self.qjl(), dtype=dtype).T
         if "bias" in self:
             y = y + self.bias.astype(dtype)
         return y.astype(x.dtype)

@@ -20,8 +20,8 @@ def _weight_shape(module: nn.Module) -> tuple[int, ...]:
 
 def plan_layers(model: nn.Module, recipe: QuantRecipe) -> dict[str, dict]:
     """``{path: spec}`` for every leaf the recipe quantizes; spec holds kind, bits,
-    group_size, span and seed. Leaves whose input size the group size does not divide are
-    left out (kept in full precision)."""
+    group_size, span, seed and (with QJL) ``qjl: true``. Leaves whose input size the group
+    size does not divide are left out (kept in full precision)."""
     plan = {}
     for path, module in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
         kind = layer_kind(path, module)
@@ -41,13 +41,15 @@ def plan_layers(model: nn.Module, recipe: QuantRecipe) -> dict[str, dict]:
             "span": span,
             "seed": recipe.seed,
         }
+        if recipe.use_qjl:
+            plan[path]["qjl"] = True
     return plan
 
 
 def _empty_layer(module: nn.Module, spec: dict) -> nn.Module:
     shape = _weight_shape(module)
     args = dict(bits=spec["bits"], group_size=spec["group_size"], seed=spec["seed"],
-                span=spec["span"])  # fmt: skip
+                span=spec["span"], use_qjl=bool(spec.get("qjl", False)))  # fmt: skip
     if spec["kind"] == "embed":
         return TurboQuantEmbedding(shape[0], shape[1], **args)
     if spec["kind"] == "expert":

@@ -30,12 +30,16 @@ class QuantRecipe:
     seed: int = 0
     span: int | None = None
     scale_method: str = "lsq"
+    #: Add a 1-bit QJL sketch of each quantized layer's residual (+1 + 16/group_size bits).
+    use_qjl: bool = False
     keep: tuple[str, ...] = field(default=DEFAULT_KEEP)
     #: (regex, bits) pairs matched against module paths before the kind rules; 0 keeps.
     overrides: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self):
         check_choice("bits", self.bits, WEIGHT_BITS)
+        if not isinstance(self.use_qjl, bool):
+            raise TypeError(f"use_qjl must be True or False, got {self.use_qjl!r}")
         check_choice("group_size", self.group_size, GROUP_SIZES)
         check_choice("scale_method", self.scale_method, SCALE_METHODS)
         for kind in ("attn", "mlp", "expert", "embed", "head"):

@@ -33,10 +33,11 @@ class Rotation:
         return self.dim // self.block
 
 
-def random_signs(dim: int, seed: int) -> mx.array:
+def random_signs(dim: int, seed: int, stream: int = 0x5107) -> mx.array:
     """±1 signs from numpy's PCG64, so a seed means the same rotation on every backend and
-    MLX version (checkpoints store the seed and the signs)."""
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5107]))
+    MLX version (checkpoints store the seed and the signs). ``stream`` separates independent
+    draws from one seed (the weight rotation and its QJL sketch)."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(stream)]))
     return mx.array(rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=dim))
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .rotation import rotate
+from . import dispatch
 from .weight_layer import TurboQuantWeights, compute_dtype
-from .weights import QuantizedWeight, dequantize_weight_rotated
+from .weights import QJLResidual, QuantizedWeight, dequantize_weight_rotated, qjl_sketch_values
 
 
 class TurboQuantSwitchLinear(TurboQuantWeights):
@@ -23,8 +23,11 @@ class TurboQuantSwitchLinear(TurboQuantWeights):
         group_size: int = 64,
         seed: int = 0,
         span: int | None = None,
+        use_qjl: bool = False,
     ):
-        super().__init__((num_experts, output_dims, input_dims), bits, group_size, seed, span)
+        super().__init__(
+            (num_experts, output_dims, input_dims), bits, group_size, seed, span, use_qjl
+        )
         if bias:
             self.bias = mx.zeros((num_experts, output_dims))
         self.freeze()
@@ -39,11 +42,18 @@ class TurboQuantSwitchLinear(TurboQuantWeights):
 
     @classmethod
     def from_switch_linear(
-        cls, layer, bits: int, group_size: int, seed: int = 0, span=None, scale_method="lsq"
+        cls,
+        layer,
+        bits: int,
+        group_size: int,
+        seed: int = 0,
+        span=None,
+        scale_method="lsq",
+        use_qjl: bool = False,
     ) -> TurboQuantSwitchLinear:
         num_experts, out_dims, in_dims = layer.weight.shape
         has_bias = "bias" in layer
-        q = cls(in_dims, out_dims, num_experts, has_bias, bits, group_size, seed, span)
+        q = cls(in_dims, out_dims, num_experts, has_bias, bits, group_size, seed, span, use_qjl)
         q.set_weight(layer.weight, scale_method)
         if has_bias:
             q.bias = layer.bias
@@ -52,19 +62,37 @@ class TurboQuantSwitchLinear(TurboQuantWeights):
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False):
         dtype = compute_dtype(x)
-        xr = rotate(x.astype(dtype), self.rotation())
-        if indices.size < self.num_experts:
-            # Few tokens (decode): dequantize only the experts the router picked.
-            flat = indices.flatten()
-            picked = QuantizedWeight(
-                self.indices[flat], self.scales[flat], self.bits, self.group_size
-            )
-            w = dequantize_weight_rotated(picked, dtype=dtype)
-            rhs = mx.arange(flat.size).reshape(indices.shape)
-        else:
-            w = dequantize_weight_rotated(self.codes(), dtype=dtype)
-            rhs = indices
-        y = mx.gather_mm(xr, w.swapaxes(-1, -2), rhs_indices=rhs, sorted_indices=sorted_indices)
+        x_rot, x_sketch = self.rotated_inputs(x.astype(dtype))
+        y = dispatch.call_kernel(
+            "weight_gather_matmul",
+            x_rot,
+            self.codes(),
+            indices,
+            sorted_indices,
+            self.qjl(),
+            x_sketch,
+        )
+        if y is None:
+            y = self._reference(x_rot, x_sketch, indices, sorted_indices, dtype)
         if "bias" in self:
             y = y + mx.expand_dims(self.bias[indices].astype(dtype), -2)
         return y.astype(x.dtype)
+
+    def _reference(self, x_rot, x_sketch, indices, sorted_indices, dtype):
+        codes, qjl = self.codes(), self.qjl()
+        rhs = indices
+        if indices.size < self.num_experts:
+            # Few tokens (decode): dequantize only the experts the router picked.
+            flat = indices.flatten()
+            codes = QuantizedWeight(
+                self.indices[flat], self.scales[flat], self.bits, self.group_size
+            )
+            if qjl is not None:
+                qjl = QJLResidual(self.qjl_signs[flat], self.qjl_scales[flat], self.group_size)
+            rhs = mx.arange(flat.size).reshape(indices.shape)
+        w = dequantize_weight_rotated(codes, dtype=dtype).swapaxes(-1, -2)
+        y = mx.gather_mm(x_rot, w, rhs_indices=rhs, sorted_indices=sorted_indices)
+        if qjl is not None:
+            z = qjl_sketch_values(qjl, dtype=dtype).swapaxes(-1, -2)
+            y = y + mx.gather_mm(x_sketch, z, rhs_indices=rhs, sorted_indices=sorted_indices)
+        return y

@@ -1,13 +1,23 @@
-"""Shared state of TurboQuant weight layers: packed indices, fp16 group scales, rotation."""
+"""Shared state of TurboQuant weight layers: packed indices, fp16 group scales, rotation,
+the optional QJL residual, and the rotated activation shared by sibling projections."""
 
 from __future__ import annotations
+
+import threading
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .pack import packed_words
-from .rotation import Rotation, random_signs
-from .weights import QuantizedWeight, quantize_weight, weight_rotation
+from .rotation import Rotation, random_signs, rotate
+from .weights import (
+    QJL_SIGN_STREAM,
+    QJLResidual,
+    QuantizedWeight,
+    quantize_qjl_residual,
+    quantize_weight,
+    weight_rotation,
+)
 
 
 def compute_dtype(x: mx.array):
@@ -15,12 +25,38 @@ def compute_dtype(x: mx.array):
     return mx.float32 if mx.default_device() == mx.cpu else x.dtype
 
 
+class _RotationMemo(threading.local):
+    """Per thread, per rotation key, the last ``(x, R x)``. q/k/v (and gate/up) receive the
+    very same input array and share a rotation (same size, span and seed), so the activation
+    is rotated once and reused by every projection that reads it. One entry per key keeps
+    at most one activation alive per distinct rotation."""
+
+    def __init__(self):
+        self.entries: dict[tuple, tuple[mx.array, mx.array]] = {}
+
+
+_rotation_memo = _RotationMemo()
+
+
+def rotate_shared(x: mx.array, rotation: Rotation, key: tuple) -> mx.array:
+    """``R x``, reusing the previous result for ``key`` (size, span, seed, dtype, sketch)
+    when ``x`` is the same array object."""
+    entry = _rotation_memo.entries.get(key)
+    if entry is not None and entry[0] is x:
+        return entry[1]
+    value = rotate(x, rotation)
+    _rotation_memo.entries[key] = (x, value)
+    return value
+
+
 class TurboQuantWeights(nn.Module):
     """Base of the TurboQuant layers: codes of a (..., out, in) weight and its rotation.
 
     The rotation is along the input dimension, in blocks of ``span`` (default: group size),
     signs drawn from ``seed``; layers with the same input size and seed share it, so one
-    rotated activation serves them all. The signs are stored with the layer.
+    rotated activation serves them all. The signs are stored with the layer. With
+    ``use_qjl`` the layer also holds a 1-bit QJL sketch of the quantization residual
+    (``qjl_signs``, ``qjl_scales``, and the sketch's own random signs ``qjl_flips``).
     """
 
     def __init__(
@@ -30,6 +66,7 @@ class TurboQuantWeights(nn.Module):
         group_size: int,
         seed: int = 0,
         span: int | None = None,
+        use_qjl: bool = False,
     ):
         super().__init__()
         *lead, out_dims, in_dims = shape
@@ -37,9 +74,14 @@ class TurboQuantWeights(nn.Module):
             raise ValueError(f"group_size={group_size} must divide the input dimension {in_dims}")
         self.bits, self.group_size, self.seed = bits, group_size, seed
         self.span = span or group_size
+        self.use_qjl = bool(use_qjl)
         self.indices = mx.zeros((*lead, out_dims, packed_words(in_dims, bits)), dtype=mx.uint32)
         self.scales = mx.zeros((*lead, out_dims, in_dims // group_size), dtype=mx.float16)
         self.signs = random_signs(in_dims, seed).astype(mx.float16)
+        if self.use_qjl:
+            self.qjl_signs = mx.zeros((*lead, out_dims, in_dims // 32), dtype=mx.uint32)
+            self.qjl_scales = mx.zeros_like(self.scales)
+            self.qjl_flips = random_signs(in_dims, seed, QJL_SIGN_STREAM).astype(mx.float16)
         self.freeze()
 
     @property
@@ -49,14 +91,48 @@ class TurboQuantWeights(nn.Module):
     def rotation(self) -> Rotation:
         return Rotation(self.input_dims, self.span, self.seed, self.signs.astype(mx.float32))
 
+    def sketch(self) -> Rotation | None:
+        """The QJL sketch S (per-group randomized Hadamard), or None without QJL."""
+        if not self.use_qjl:
+            return None
+        return Rotation(
+            self.input_dims, self.group_size, self.seed, self.qjl_flips.astype(mx.float32)
+        )
+
     def codes(self) -> QuantizedWeight:
         return QuantizedWeight(self.indices, self.scales, self.bits, self.group_size)
 
+    def qjl(self) -> QJLResidual | None:
+        if not self.use_qjl:
+            return None
+        return QJLResidual(self.qjl_signs, self.qjl_scales, self.group_size)
+
+    @property
+    def bits_per_weight(self) -> float:
+        extra = self.qjl().bits_per_weight if self.use_qjl else 0.0
+        return self.codes().bits_per_weight + extra
+
     def set_weight(self, weight: mx.array, scale_method: str = "lsq") -> None:
-        """Quantize ``weight`` into this layer's codes."""
+        """Quantize ``weight`` into this layer's codes (and its QJL residual)."""
         rot = weight_rotation(weight.shape[-1], self.group_size, self.seed, self.span)
         q = quantize_weight(weight, self.bits, self.group_size, rot, scale_method)
         self.indices, self.scales = q.indices, q.scales
+        if self.use_qjl:
+            res = quantize_qjl_residual(weight, q, self.rotation(), self.sketch())
+            self.qjl_signs, self.qjl_scales = res.signs, res.scales
+
+    def rotated_inputs(self, x: mx.array) -> tuple[mx.array, mx.array | None]:
+        """``(R x, S R x)``: the activation in the weights' rotated basis and, with QJL, in
+        the sketch basis; shared with sibling layers that read the same ``x``."""
+        key = (self.input_dims, self.span, self.seed, x.dtype)
+        x_rot = rotate_shared(x, self.rotation(), key)
+        if not self.use_qjl:
+            return x_rot, None
+        return x_rot, rotate_shared(x_rot, self.sketch(), (*key, "qjl"))
 
     def _extra_repr(self) -> str:
-        return f"bits={self.bits}, group_size={self.group_size}, span={self.span}, seed={self.seed}"
+        qjl = ", qjl" if self.use_qjl else ""
+        return (
+            f"bits={self.bits}, group_size={self.group_size}, span={self.span}, "
+            f"seed={self.seed}{qjl}"
+        )
