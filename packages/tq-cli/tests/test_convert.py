@@ -147,3 +147,28 @@ def test_convert_refuses_out_equal_to_source(float_model, capsys):
 
 
 # --------------------------------------------------------------------------- generate
+
+
+def test_convert_use_qjl_round_trips_through_load(float_model, tmp_path, capsys):
+    import mlx.core as mx
+    from tq_core.lm import load
+
+    out = tmp_path / "qjl"
+    code, stdout, err = run_tq(
+        capsys, "convert", "--model", float_model, "--out", out, "--bits", "2", "--use-qjl"
+    )
+    assert code == 0, err
+    assert "QJL residual" in err
+    layers = json.loads((out / "config.json").read_text())["quantization"]["layers"]
+    assert layers and all(spec.get("qjl") is True for spec in layers.values())
+    bpw = float(stdout.split("bits per weight:")[1].split()[0])
+    # 2-bit codes + fp16 scale per 64, 1 sign bit + fp16 residual scale per 64, and two fp16
+    # sign vectors (rotation, sketch) per layer input, as in test_checkpoint_stats_...
+    n = 2 * (64 * 64 * 2 + 32 * 64 * 2 + 3 * 64 * 128) + 2 * VOCAB * 64
+    signs = (2 * (6 * 64 + 128) + 2 * 64) * 16
+    expected = n * (2 + 1) + 2 * (n // 64 * 16) + 2 * signs
+    assert bpw == pytest.approx(expected / n, abs=1e-3)
+    model, _ = load(out, tokenizer=False)
+    assert model.model.layers[0].mlp.up_proj.use_qjl
+    logits = model(mx.array([[1, 5, 9]]))
+    assert logits.shape == (1, 3, VOCAB) and mx.all(mx.isfinite(logits)).item()

@@ -22,6 +22,7 @@ RECIPE_FLAGS = (
     "head_bits",
     "seed",
     "scale_method",
+    "use_qjl",
 )
 _HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -42,6 +43,12 @@ def add_recipe_arguments(parser) -> None:
         )
     parser.add_argument("--seed", type=int, help="rotation seed")
     parser.add_argument("--scale-method", help="group scales: lsq (default) or rms")
+    parser.add_argument(
+        "--use-qjl",
+        action="store_true",
+        default=None,
+        help="add a 1-bit QJL sketch of each layer's residual (+1 + 16/group-size bits)",
+    )
 
 
 def recipe_from_args(args):
@@ -165,7 +172,8 @@ def run(args) -> int:
 
     print(
         f"converting {src} -> {out} (preset {args.preset}: bits {recipe.bits}, group size "
-        f"{recipe.group_size}, scales {recipe.scale_method}, seed {recipe.seed})",
+        f"{recipe.group_size}, scales {recipe.scale_method}, seed {recipe.seed}"
+        f"{', QJL residual' if recipe.use_qjl else ''})",
         file=sys.stderr,
     )
     start = time.perf_counter()

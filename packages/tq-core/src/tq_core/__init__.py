@@ -1,5 +1,6 @@
 """tq-core: the TurboQuant math for MLX (rotations, codebooks, packing, TurboQuant_mse/prod)."""
 
+from . import dispatch
 from .checkpoint import CheckpointError, load_weights, read_quantization, save_checkpoint
 from .codebook import CODEBOOK_BITS, Codebook, gaussian_codebook, sphere_codebook
 from .embedding import TurboQuantEmbedding
@@ -29,6 +30,7 @@ from .switch_linear import TurboQuantSwitchLinear
 from .weights import (
     GROUP_SIZES,
     WEIGHT_BITS,
+    QJLResidual,
     QuantizedWeight,
     dequantize_weight,
     dequantize_weight_rotated,
@@ -40,6 +42,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GROUP_SIZES",
+    "QJLResidual",
+    "dispatch",
     "PRESETS",
     "WEIGHT_BITS",
     "CheckpointError",

@@ -62,7 +62,7 @@ class TurboQuantEmbedding(TurboQuantWeights):
 
     def as_linear(self, x: mx.array) -> mx.array:
         dtype = compute_dtype(x)
-        x_rot, x_sketch = self.rotated_inputs(x.astype(dtype))
+        x_rot, x_sketch = self.rotated_inputs(x, dtype)
         y = dispatch.call_kernel("weight_matmul", x_rot, self.codes(), self.qjl(), x_sketch)
         if y is None:
             y = x_rot @ dequantize_weight_rotated(self.codes(), dtype=dtype).T

@@ -62,7 +62,7 @@ class TurboQuantSwitchLinear(TurboQuantWeights):
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False):
         dtype = compute_dtype(x)
-        x_rot, x_sketch = self.rotated_inputs(x.astype(dtype))
+        x_rot, x_sketch = self.rotated_inputs(x, dtype)
         y = dispatch.call_kernel(
             "weight_gather_matmul",
             x_rot,

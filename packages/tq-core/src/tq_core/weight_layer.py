@@ -38,13 +38,14 @@ class _RotationMemo(threading.local):
 _rotation_memo = _RotationMemo()
 
 
-def rotate_shared(x: mx.array, rotation: Rotation, key: tuple) -> mx.array:
-    """``R x``, reusing the previous result for ``key`` (size, span, seed, dtype, sketch)
-    when ``x`` is the same array object."""
+def rotate_shared(x: mx.array, rotation: Rotation, key: tuple, dtype=None) -> mx.array:
+    """``R x`` (computed in ``dtype``, default x's), reusing the previous result for ``key``
+    (size, span, seed, dtype, sketch) when ``x`` is the same array object."""
+    key = (*key, dtype)
     entry = _rotation_memo.entries.get(key)
     if entry is not None and entry[0] is x:
         return entry[1]
-    value = rotate(x, rotation)
+    value = rotate(x if dtype is None else x.astype(dtype), rotation)
     _rotation_memo.entries[key] = (x, value)
     return value
 
@@ -121,11 +122,11 @@ class TurboQuantWeights(nn.Module):
             res = quantize_qjl_residual(weight, q, self.rotation(), self.sketch())
             self.qjl_signs, self.qjl_scales = res.signs, res.scales
 
-    def rotated_inputs(self, x: mx.array) -> tuple[mx.array, mx.array | None]:
-        """``(R x, S R x)``: the activation in the weights' rotated basis and, with QJL, in
-        the sketch basis; shared with sibling layers that read the same ``x``."""
-        key = (self.input_dims, self.span, self.seed, x.dtype)
-        x_rot = rotate_shared(x, self.rotation(), key)
+    def rotated_inputs(self, x: mx.array, dtype) -> tuple[mx.array, mx.array | None]:
+        """``(R x, S R x)`` in ``dtype``: the activation in the weights' rotated basis and,
+        with QJL, in the sketch basis; shared with sibling layers that read the same ``x``."""
+        key = (self.input_dims, self.span, self.seed)
+        x_rot = rotate_shared(x, self.rotation(), key, dtype)
         if not self.use_qjl:
             return x_rot, None
         return x_rot, rotate_shared(x_rot, self.sketch(), (*key, "qjl"))
