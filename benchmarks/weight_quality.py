@@ -83,13 +83,17 @@ def _turboquant(model: nn.Module, recipe: QuantRecipe) -> tuple[int, int]:
         layer = leaves[path]
         n = layer.scales.size * layer.group_size
         count += n
-        # indices + fp16 scales + fp16 rotation signs (shared, counted per layer anyway)
-        storage += layer.indices.size * 32 + layer.scales.size * 16 + layer.signs.size * 16
+        # indices, fp16 scales, fp16 rotation signs (shared, counted per layer anyway) and,
+        # with QJL, the residual's sign bits, scales and sketch signs: every parameter but bias
+        storage += sum(
+            v.nbytes * 8 for k, v in tree_flatten(layer.parameters()) if not k.endswith("bias")
+        )
     return count, storage
 
 
 def parse_row(name: str) -> dict:
-    """fp | affine-b3-g64[-keepembed] | tq-b3-g64-s0[-rms][-keepembed][-embed4][-span128]"""
+    """fp | affine-b3-g64[-keepembed] | tq-b3-g64-s0[-rms][-keepembed][-embed4][-span128]
+    [-v4][-attn3][-mlp3][-out8][-qjl]"""
     parts = name.split("-")
     row = {"name": name, "kind": parts[0]}
     for p in parts[1:]:
@@ -111,6 +115,8 @@ def parse_row(name: str) -> dict:
             row["outlier_tau"] = float(p[3:])
         elif p == "rms":
             row["scale_method"] = "rms"
+        elif p == "qjl":
+            row["use_qjl"] = True
         elif p.startswith("attn"):
             row["attn_bits"] = int(p[4:])
         elif p.startswith("mlp"):
@@ -149,6 +155,7 @@ def run_row(name: str, windows: mx.array) -> dict:
                 "scale_method",
                 "attn_bits",
                 "mlp_bits",
+                "use_qjl",
             )
             if k in row
         }

@@ -93,3 +93,32 @@ def test_garbled_config(tmp_path):
         read_quantization(tmp_path)
     with pytest.raises(CheckpointError, match="missing"):
         read_quantization(tmp_path / "nowhere")
+
+
+def test_writer_flushes_full_shards_and_refuses_duplicates(tmp_path):
+    from tq_core.checkpoint_writer import CheckpointWriter
+
+    with CheckpointWriter(tmp_path / "ck", max_shard_bytes=1000) as writer:
+        writer.add({"a": mx.zeros((200,)), "b": mx.ones((200,))})  # 800 bytes each
+        # "a" went to disk when "b" did not fit beside it; nothing is published yet.
+        assert len(list(writer.tmp.glob("part-*.safetensors"))) == 1
+        assert not (tmp_path / "ck").exists()
+        with pytest.raises(ValueError, match="added twice"):
+            writer.add({"a": mx.zeros((1,))})
+        out = writer.finish(_config())
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+    w = load_weights(out)
+    assert mx.array_equal(w["b"], mx.ones((200,))).item()
+
+
+def test_writer_error_inside_block_removes_everything(tmp_path):
+    from tq_core.checkpoint_writer import CheckpointWriter
+
+    with pytest.raises(RuntimeError):
+        with CheckpointWriter(tmp_path / "ck", max_shard_bytes=100) as writer:
+            writer.add({"a": mx.zeros((100,)), "b": mx.zeros((100,))})
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []

@@ -63,3 +63,24 @@ def test_layers_share_rotation_by_seed():
 def test_layer_refuses_indivisible_group():
     with pytest.raises(ValueError, match="must divide the input dimension"):
         TurboQuantLinear(100, 8, bits=4, group_size=64)
+
+
+@pytest.mark.parametrize("use_qjl", [False, True])
+def test_chunked_quantization_equals_one_pass(use_qjl, monkeypatch):
+    import tq_core.weight_layer as weight_layer
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    lin = nn.Linear(128, 40, bias=False)
+    sw = SwitchLinear(64, 24, 4, bias=False)
+    whole = TurboQuantLinear.from_linear(lin, 3, 64, use_qjl=use_qjl)
+    whole_sw = TurboQuantSwitchLinear.from_switch_linear(sw, 2, 32, use_qjl=use_qjl)
+    monkeypatch.setattr(weight_layer, "QUANTIZE_CHUNK", 128 * 7)  # 7 rows, uneven last chunk
+    parts = TurboQuantLinear.from_linear(lin, 3, 64, use_qjl=use_qjl)
+    parts_sw = TurboQuantSwitchLinear.from_switch_linear(sw, 2, 32, use_qjl=use_qjl)
+    for a, b in ((whole, parts), (whole_sw, parts_sw)):
+        assert a.indices.shape == b.indices.shape and a.scales.shape == b.scales.shape
+        assert mx.array_equal(a.indices, b.indices).item()
+        assert mx.array_equal(a.scales, b.scales).item()
+        if use_qjl:
+            assert mx.array_equal(a.qjl_signs, b.qjl_signs).item()
+            assert mx.array_equal(a.qjl_scales, b.qjl_scales).item()

@@ -5,22 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .checkpoint_writer import INDEX_FILE, CheckpointWriter
+
 METHOD = "turboquant"
 FORMAT_VERSION = 1
-INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "generation_config.json", "chat_template.json",
-    "chat_template.jinja", "added_tokens.json",
-)  # fmt: skip
 
 
 class CheckpointError(ValueError):
@@ -66,32 +60,6 @@ def read_quantization(path: Path) -> tuple[dict, dict]:
     return config, quant
 
 
-def _shards(params: list[tuple[str, mx.array]], max_bytes: int) -> list[dict[str, mx.array]]:
-    shards, current, size = [], {}, 0
-    for name, array in params:
-        if current and size + array.nbytes > max_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = array
-        size += array.nbytes
-    if current:
-        shards.append(current)
-    return shards
-
-
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished temporary directory onto ``out`` (replacing it if allowed)."""
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} already exists (pass overwrite=True / --force)")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def save_checkpoint(
     model: nn.Module,
     config: dict,
@@ -103,36 +71,9 @@ def save_checkpoint(
     """Write ``model``'s parameters and ``config`` (which must carry the ``quantization``
     block) to ``out``. Everything is written into a temporary sibling directory that is
     renamed at the end, so a failure leaves no half-written checkpoint."""
-    out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass overwrite=True / --force)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        params = tree_flatten(model.parameters())
-        shards = _shards(params, max_shard_bytes)
-        weight_map, total = {}, 0
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            mx.save_safetensors(str(tmp / name), shard, metadata={"format": "mlx"})
-            for key, array in shard.items():
-                weight_map[key] = name
-                total += array.nbytes
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        if tokenizer_dir is not None:
-            for fname in TOKENIZER_FILES:
-                src = Path(tokenizer_dir) / fname
-                if src.exists():
-                    shutil.copy2(src, tmp / fname)
-        # mkdtemp makes the directory private (0700); a checkpoint is an ordinary folder.
-        os.chmod(tmp, 0o755)
-        _publish(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    with CheckpointWriter(out, overwrite, max_shard_bytes) as writer:
+        writer.add(dict(tree_flatten(model.parameters())))
+        return writer.finish(config, tokenizer_dir)
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, mx.array]:

@@ -57,12 +57,14 @@ def _empty_layer(module: nn.Module, spec: dict) -> nn.Module:
     return TurboQuantLinear(shape[1], shape[0], "bias" in module, **args)
 
 
-def _quantized_layer(module: nn.Module, spec: dict, scale_method: str) -> nn.Module:
+def quantize_layer(module: nn.Module, spec: dict, scale_method: str = "lsq") -> nn.Module:
+    """The TurboQuant layer for ``module`` under one plan ``spec`` (weights evaluated)."""
     layer = _empty_layer(module, spec)
     layer.set_weight(module.weight, scale_method)
     if "bias" in module:
         layer.bias = module.bias
     layer.freeze()
+    mx.eval(layer.parameters())
     return layer
 
 
@@ -80,18 +82,18 @@ def apply_plan(
     missing = sorted(set(plan) - set(leaves))
     if missing:
         raise ValueError(f"the quantization plan names modules this model lacks: {missing[:5]}")
-    replaced = []
     for path, spec in plan.items():
-        module = leaves[path]
+        # Pop the leaf and swap the layer in at once, so the float weights it replaces can
+        # be freed before the next layer is quantized.
+        module = leaves.pop(path)
         if scale_method is None:
             layer = _empty_layer(module, spec)
         else:
-            layer = _quantized_layer(module, spec, scale_method)
-            mx.eval(layer.parameters())
-        replaced.append((path, layer))
+            layer = quantize_layer(module, spec, scale_method)
+        del module
+        model.update_modules(tree_unflatten([(path, layer)]))
         if on_layer is not None:
             on_layer(path, layer)
-    model.update_modules(tree_unflatten(replaced))
     return model
 
 

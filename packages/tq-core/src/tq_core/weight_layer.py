@@ -19,6 +19,9 @@ from .weights import (
     weight_rotation,
 )
 
+#: Weights quantized per evaluated chunk in ``set_weight`` (16 MB of float32 rows).
+QUANTIZE_CHUNK = 1 << 22
+
 
 def compute_dtype(x: mx.array):
     """float32 on the CPU (its float16 matmul is ~60x slower), the input's dtype on a GPU."""
@@ -114,13 +117,31 @@ class TurboQuantWeights(nn.Module):
         return self.codes().bits_per_weight + extra
 
     def set_weight(self, weight: mx.array, scale_method: str = "lsq") -> None:
-        """Quantize ``weight`` into this layer's codes (and its QJL residual)."""
-        rot = weight_rotation(weight.shape[-1], self.group_size, self.seed, self.span)
-        q = quantize_weight(weight, self.bits, self.group_size, rot, scale_method)
-        self.indices, self.scales = q.indices, q.scales
+        """Quantize ``weight`` into this layer's codes (and its QJL residual).
+
+        Rows are quantized in chunks of about ``QUANTIZE_CHUNK`` weights, each evaluated
+        before the next, so the float32 intermediates of a large matrix (an embedding, a
+        stack of experts) never exceed a few chunks: conversion memory stays near one layer.
+        """
+        *lead, out_dims, in_dims = weight.shape
+        rows = weight.reshape(-1, in_dims)
+        step = max(1, QUANTIZE_CHUNK // in_dims)
+        rot = weight_rotation(in_dims, self.group_size, self.seed, self.span)
+        parts = []
+        for start in range(0, rows.shape[0], step):
+            chunk = rows[start : start + step]
+            q = quantize_weight(chunk, self.bits, self.group_size, rot, scale_method)
+            part = [q.indices, q.scales]
+            if self.use_qjl:
+                res = quantize_qjl_residual(chunk, q, self.rotation(), self.sketch())
+                part += [res.signs, res.scales]
+            mx.eval(part)
+            parts.append(part)
+        merged = [mx.concatenate(p, axis=0) if len(parts) > 1 else p[0] for p in zip(*parts)]
+        shaped = [a.reshape(*lead, out_dims, a.shape[-1]) for a in merged]
+        self.indices, self.scales = shaped[0], shaped[1]
         if self.use_qjl:
-            res = quantize_qjl_residual(weight, q, self.rotation(), self.sketch())
-            self.qjl_signs, self.qjl_scales = res.signs, res.scales
+            self.qjl_signs, self.qjl_scales = shaped[2], shaped[3]
 
     def rotated_inputs(self, x: mx.array, dtype) -> tuple[mx.array, mx.array | None]:
         """``(R x, S R x)`` in ``dtype``: the activation in the weights' rotated basis and,

@@ -44,6 +44,8 @@ from tq_core import (  # noqa: E402
 )
 from tq_core.lm import convert, load  # noqa: E402
 
+convert_module = importlib.import_module("tq_core.lm.convert")  # the module, not the function
+
 # float32 matmuls are exact to ~1e-6 on the CPU; a GPU may round them through TF32 (~1e-3).
 TOL = 1e-5 if mx.default_device() == mx.cpu else 1e-3
 
@@ -300,3 +302,42 @@ def test_greedy_generation(case):
     full = loaded(mx.concatenate([prompt, mx.array(tokens[:-1])])[None])[0, len(prompt) - 1 :]
     err = mx.abs(full - step_logits).max().item()
     assert err < 10 * TOL * mx.abs(full).max().item(), (arch, err)
+
+
+# ------------------------------------------------------------------ streaming conversion
+
+
+@pytest.fixture(scope="module")
+def llama_source(tmp_path_factory) -> Path:
+    model, _ = tm.build("llama")
+    return tm.save_hf(model, "llama", tmp_path_factory.mktemp("src") / "llama-hf")
+
+
+def test_small_shards_give_the_same_model(llama_source, tmp_path):
+    recipe = QuantRecipe(bits=3, group_size=32)
+    one = convert(llama_source, tmp_path / "one", recipe, progress=False)
+    many = convert(llama_source, tmp_path / "many", recipe, progress=False, max_shard_bytes=4_000)
+    shards = sorted(p.name for p in many.glob("*.safetensors"))
+    assert len(shards) > 3 and shards[-1].endswith(f"-of-{len(shards):05d}.safetensors")
+    assert len(list(one.glob("*.safetensors"))) == 1
+    tokens = mx.array([[1, 2, 3, 4, 5]])
+    a, _ = load(one, tokenizer=False)
+    b, _ = load(many, tokenizer=False)
+    assert mx.array_equal(a(tokens), b(tokens)).item()
+
+
+def test_failure_mid_conversion_leaves_nothing(llama_source, tmp_path, monkeypatch):
+    real = convert_module.quantize_layer
+    calls = []
+
+    def flaky(module, spec, scale_method):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("disk on fire")
+        return real(module, spec, scale_method)
+
+    monkeypatch.setattr(convert_module, "quantize_layer", flaky)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        convert(llama_source, tmp_path / "out", QuantRecipe(bits=4), progress=False,
+                max_shard_bytes=4_000)  # fmt: skip
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary directory

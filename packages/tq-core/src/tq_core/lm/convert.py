@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import _download, dequantize_model, load_config, load_model
 
-from ..checkpoint import quantization_block, save_checkpoint
-from ..quantize_model import apply_plan, plan_layers
+from ..checkpoint import quantization_block
+from ..checkpoint_writer import CheckpointWriter
+from ..quantize_model import plan_layers, quantize_layer
 from ..recipe import QuantRecipe
 
 #: HF quantization methods whose tensors mlx-lm reads and that are dequantized on the fly.
@@ -74,11 +75,14 @@ def convert(
     recipe: QuantRecipe,
     overwrite: bool = False,
     progress: bool = True,
+    max_shard_bytes: int = 2 << 30,
 ) -> Path:
     """Quantize ``src`` with ``recipe`` and write a TurboQuant checkpoint to ``out``.
 
-    Layers are quantized one at a time from lazily loaded source weights; the output is
-    written to a temporary directory and renamed at the end.
+    Streams: source weights are loaded lazily, one layer is read, quantized, queued for the
+    output shard (written as soon as it is full) and dropped before the next, so peak
+    memory stays near one output shard plus one layer. The output is written to a
+    temporary directory and renamed at the end; a failure leaves nothing at ``out``.
     """
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (use --force to replace it)")
@@ -86,21 +90,27 @@ def convert(
     plan = plan_layers(model, recipe)
     if not plan:
         raise ValueError(f"{path}: the recipe quantizes no layer of this model")
+    config = dict(config)
+    config["quantization"] = quantization_block(plan, recipe.to_dict())
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(plan), desc="quantizing", unit="layer")
-
-    def on_layer(name, layer):
+    leaves = dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
+    try:
+        with CheckpointWriter(out, overwrite, max_shard_bytes) as writer:
+            for name, spec in plan.items():
+                layer = quantize_layer(leaves.pop(name), spec, recipe.scale_method)
+                writer.add({f"{name}.{k}": v for k, v in tree_flatten(layer.parameters())})
+                # An empty placeholder drops both the float weights and the written codes.
+                model.update_modules(tree_unflatten([(name, nn.Module())]))
+                del layer
+                if bar is not None:
+                    bar.set_postfix_str(name[-40:], refresh=False)
+                    bar.update(1)
+            writer.add(dict(tree_flatten(model.parameters())))
+            return writer.finish(config, tokenizer_dir=path)
+    finally:
         if bar is not None:
-            bar.set_postfix_str(name[-40:], refresh=False)
-            bar.update(1)
-
-    apply_plan(model, plan, recipe.scale_method, on_layer)
-    if bar is not None:
-        bar.close()
-    mx.eval(model.parameters())
-    config = dict(config)
-    config["quantization"] = quantization_block(plan, recipe.to_dict())
-    return save_checkpoint(model, config, out, tokenizer_dir=path, overwrite=overwrite)
+            bar.close()
