@@ -19,8 +19,9 @@ from .weights import (
     weight_rotation,
 )
 
-#: Weights quantized per evaluated chunk in ``set_weight`` (16 MB of float32 rows).
-QUANTIZE_CHUNK = 1 << 22
+#: Weights quantized per evaluated chunk in ``set_weight`` (4 MB of float32 rows; the
+#: nearest-index search and scale refinement hold ~40x that while a chunk evaluates).
+QUANTIZE_CHUNK = 1 << 20
 
 
 def compute_dtype(x: mx.array):
