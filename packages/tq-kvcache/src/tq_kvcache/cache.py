@@ -1,0 +1,368 @@
+"""TurboQuantKVCache: mlx-lm's KV cache protocol over fp16 sinks, packed TurboQuant codes and an
+fp16 recent-token buffer.
+
+Token layout along the sequence axis, always in temporal order:
+``[sinks (fp16, first sink_tokens) | packed codes (TurboQuant) | tail (fp16, most recent)]``.
+New tokens enter the tail; the tail is compressed down to ``buffer`` tokens in batches of at
+least ``flush_batch`` tokens, lazily at the start of the next update, so a prefill chunk's own
+attention always runs on fp16 keys and values ("prefill on fp16 before compression").
+``update_and_fetch`` returns the full keys and values (dequantized where packed) as lazy
+arrays: a model whose attention goes through the installed hook (:mod:`tq_kvcache.hook`)
+never evaluates them and attends straight from the codes; any other attention code still
+gets correct keys and values.
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+from mlx_lm.models.base import create_causal_mask
+
+from .codec import KEY_MODES, KVCodec, check_bits, make_codec, outlier_permutation
+
+__all__ = ["TurboQuantKVCache", "STATE_VERSION", "DECODE_MAX_QUERIES"]
+
+#: Version of the state / meta_state schema (bump on any layout change).
+STATE_VERSION = 1
+#: Up to this many queries per call attend straight from the codes; longer calls (prefill
+#: chunks) dequantize the packed tokens and run the fp16 kernel.
+DECODE_MAX_QUERIES = 8
+_STEP = 256
+
+
+def _check_count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _cat(a: mx.array | None, b: mx.array | None) -> mx.array | None:
+    if a is None:
+        return b
+    if b is None or b.shape[2] == 0:
+        return a
+    return mx.concatenate([a, b], axis=2)
+
+
+def _length(x: mx.array | None) -> int:
+    return 0 if x is None else x.shape[2]
+
+
+class TurboQuantKVCache:
+    """A TurboQuant-compressed KV cache for one attention layer (drop-in for mlx-lm's KVCache).
+
+    ``k_bits`` / ``v_bits``: 1-4 or 8, or 1.5 / 2.5 / 3.5 (outlier-channel split).
+    ``key_mode``: ``"mse"`` or ``"prod"`` (k_bits - 1 bits mse + 1-bit QJL, unbiased scores).
+    ``sink_tokens``: the first tokens kept fp16. ``buffer``: recent tokens kept fp16.
+    ``flush_batch``: the tail is compressed once it holds ``buffer + flush_batch`` tokens.
+    ``min_tokens``: nothing is compressed before the cache holds this many tokens.
+    """
+
+    def __init__(
+        self,
+        k_bits=4,
+        v_bits=3,
+        key_mode: str = "mse",
+        sink_tokens: int = 128,
+        buffer: int = 128,
+        flush_batch: int = 64,
+        min_tokens: int = 0,
+        seed: int = 0,
+    ):
+        self.k_bits = check_bits("k_bits", k_bits)
+        self.v_bits = check_bits("v_bits", v_bits)
+        if key_mode not in KEY_MODES:
+            raise ValueError(f"key_mode must be one of {KEY_MODES}, got {key_mode!r}")
+        self.key_mode = key_mode
+        self.sink_tokens = _check_count("sink_tokens", sink_tokens)
+        self.buffer = _check_count("buffer", buffer)
+        self.flush_batch = max(1, _check_count("flush_batch", flush_batch))
+        self.min_tokens = _check_count("min_tokens", min_tokens)
+        self.seed = _check_count("seed", seed)
+        self.offset = 0
+        self._reset_storage()
+
+    def _reset_storage(self):
+        self._sink_k = self._sink_v = None
+        self._tail_k = self._tail_v = None
+        self._packed_k: dict[str, mx.array] = {}
+        self._packed_v: dict[str, mx.array] = {}
+        self._n_packed = 0
+        self._k_codec: KVCodec | None = None
+        self._v_codec: KVCodec | None = None
+        self._shape: tuple[int, int, int, int] | None = None  # (B, H, Dk, Dv)
+
+    # ------------------------------------------------------------------ configuration
+
+    CONFIG_KEYS = (
+        "k_bits",
+        "v_bits",
+        "key_mode",
+        "sink_tokens",
+        "buffer",
+        "flush_batch",
+        "min_tokens",
+        "seed",
+    )
+
+    def config(self) -> dict:
+        """The constructor arguments of this cache."""
+        return {k: getattr(self, k) for k in self.CONFIG_KEYS}
+
+    def _build_codecs(self, keys: mx.array, values: mx.array, k_perm=None, v_perm=None):
+        _, _, _, dk = keys.shape
+        dv = values.shape[-1]
+        if isinstance(self.k_bits, float) and k_perm is None:
+            k_perm = outlier_permutation(keys)
+        if isinstance(self.v_bits, float) and v_perm is None:
+            v_perm = outlier_permutation(values)
+        # Keys and values get independent rotations (seed, seed + 1000).
+        self._k_codec = make_codec(dk, self.k_bits, self.key_mode, self.seed, k_perm, "k_bits")
+        self._v_codec = make_codec(dv, self.v_bits, "mse", self.seed + 1000, v_perm, "v_bits")
+
+    def _check_shape(self, keys: mx.array, values: mx.array):
+        if keys.ndim != 4 or values.ndim != 4:
+            raise ValueError(
+                f"keys and values must be (batch, kv_heads, tokens, head_dim), got "
+                f"{keys.shape} and {values.shape}"
+            )
+        shape = (keys.shape[0], keys.shape[1], keys.shape[3], values.shape[3])
+        if keys.shape[:3] != values.shape[:3]:
+            raise ValueError(f"keys {keys.shape} and values {values.shape} do not match")
+        if self._shape is not None and shape != self._shape:
+            raise ValueError(
+                f"this cache holds (batch, kv_heads, k_dim, v_dim) = {self._shape} but got "
+                f"{shape}: a cache from another model or batch size"
+            )
+        self._shape = shape
+
+    # ------------------------------------------------------------------ mlx-lm protocol
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        self._check_shape(keys, values)
+        if self._k_codec is None:
+            self._build_codecs(keys, values)
+        self._flush()
+        self._append(keys, values)
+        return self._full_kv(keys.dtype)
+
+    def _append(self, keys: mx.array, values: mx.array):
+        n = keys.shape[2]
+        room = max(0, self.sink_tokens - _length(self._sink_k))
+        if room and self._n_packed == 0 and _length(self._tail_k) == 0:
+            take = min(room, n)
+            self._sink_k = _cat(self._sink_k, keys[:, :, :take])
+            self._sink_v = _cat(self._sink_v, values[:, :, :take])
+            keys, values = keys[:, :, take:], values[:, :, take:]
+        if keys.shape[2]:
+            self._tail_k = _cat(self._tail_k, keys)
+            self._tail_v = _cat(self._tail_v, values)
+        self.offset += n
+
+    def _flush(self, force: bool = False):
+        """Compress the oldest tail tokens, keeping ``buffer`` of them fp16."""
+        if self.offset < self.min_tokens:
+            return
+        excess = _length(self._tail_k) - self.buffer
+        if excess <= 0 or (excess < self.flush_batch and not force):
+            return
+        k, v = self._tail_k[:, :, :excess], self._tail_v[:, :, :excess]
+        self._tail_k, self._tail_v = self._tail_k[:, :, excess:], self._tail_v[:, :, excess:]
+        self._append_packed(self._k_codec.encode(k), self._v_codec.encode(v), excess)
+
+    def _append_packed(self, k_codes: dict, v_codes: dict, n: int):
+        start = self._n_packed
+        cap = _length(next(iter(self._packed_k.values()), None))
+        if start + n > cap:
+            grow = -(-(start + n - cap) // _STEP) * _STEP
+            for store, codes in ((self._packed_k, k_codes), (self._packed_v, v_codes)):
+                for name, arr in codes.items():
+                    extra = mx.zeros((*arr.shape[:2], grow, *arr.shape[3:]), arr.dtype)
+                    old = store.get(name)
+                    store[name] = extra if old is None else mx.concatenate([old, extra], axis=2)
+        for store, codes in ((self._packed_k, k_codes), (self._packed_v, v_codes)):
+            for name, arr in codes.items():
+                store[name][:, :, start : start + n] = arr
+        self._n_packed = start + n
+
+    def compress(self):
+        """Compress everything beyond the sinks and ``buffer`` now (conversion, eviction)."""
+        if self._k_codec is not None:
+            self._flush(force=True)
+
+    def packed_codes(self) -> tuple[dict[str, mx.array], dict[str, mx.array]]:
+        """The packed key and value codes, sliced to the tokens held."""
+        n = self._n_packed
+        return (
+            {k: a[:, :, :n] for k, a in self._packed_k.items()},
+            {k: a[:, :, :n] for k, a in self._packed_v.items()},
+        )
+
+    def _full_kv(self, dtype):
+        keys = self._sink_k
+        values = self._sink_v
+        if self._n_packed:
+            k_codes, v_codes = self.packed_codes()
+            keys = _cat(keys, self._k_codec.decode(k_codes).astype(dtype))
+            values = _cat(values, self._v_codec.decode(v_codes).astype(dtype))
+        return _cat(keys, self._tail_k), _cat(values, self._tail_v)
+
+    def segments(self):
+        """(sink_k, sink_v, k_codes, v_codes, tail_k, tail_v) for attention from the codes."""
+        k_codes, v_codes = self.packed_codes()
+        return self._sink_k, self._sink_v, k_codes, v_codes, self._tail_k, self._tail_v
+
+    @property
+    def codecs(self) -> tuple[KVCodec | None, KVCodec | None]:
+        return self._k_codec, self._v_codec
+
+    def uses_packed_attention(self, num_queries: int) -> bool:
+        return self._n_packed > 0 and num_queries <= DECODE_MAX_QUERIES
+
+    def size(self) -> int:
+        return _length(self._sink_k) + self._n_packed + _length(self._tail_k)
+
+    def empty(self) -> bool:
+        return self.size() == 0
+
+    @property
+    def nbytes(self) -> int:
+        total = sum(
+            x.nbytes
+            for x in (self._sink_k, self._sink_v, self._tail_k, self._tail_v)
+            if x is not None
+        )
+        k_codes, v_codes = self.packed_codes()
+        total += sum(a.nbytes for a in (*k_codes.values(), *v_codes.values()))
+        return total
+
+    def fp16_nbytes(self) -> int:
+        """What the same tokens take in an fp16 KVCache (for compression ratios)."""
+        if self._shape is None:
+            return 0
+        b, h, dk, dv = self._shape
+        return 2 * b * h * self.size() * (dk + dv)
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        self._drop_newest(n)
+        self.offset -= n
+        return n
+
+    def _drop_newest(self, n: int):
+        for attr in ("_tail", "_packed", "_sink"):
+            if n <= 0:
+                return
+            if attr == "_packed":
+                take = min(n, self._n_packed)
+                self._n_packed -= take
+            else:
+                k = getattr(self, attr + "_k")
+                take = min(n, _length(k))
+                if take:
+                    setattr(self, attr + "_k", k[:, :, : k.shape[2] - take])
+                    v = getattr(self, attr + "_v")
+                    setattr(self, attr + "_v", v[:, :, : v.shape[2] - take])
+            n -= take
+
+    def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
+        offset = self.size()
+        if window_size is not None:
+            return create_causal_mask(N, offset, window_size=window_size)
+        if N == 1:
+            return None
+        if return_array:
+            return create_causal_mask(N, offset)
+        return "causal"
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def state(self) -> dict[str, mx.array]:
+        """Arrays of the cache (sinks, tail, packed codes, channel permutations)."""
+        out = {}
+        for name in ("sink_k", "sink_v", "tail_k", "tail_v"):
+            x = getattr(self, "_" + name)
+            if x is not None:
+                out[name] = x
+        k_codes, v_codes = self.packed_codes()
+        out.update({f"k.{n}": a for n, a in k_codes.items()})
+        out.update({f"v.{n}": a for n, a in v_codes.items()})
+        for name, codec in (("k_perm", self._k_codec), ("v_perm", self._v_codec)):
+            if codec is not None and codec.perm is not None:
+                out[name] = codec.perm
+        return out
+
+    @state.setter
+    def state(self, arrays: dict[str, mx.array]):
+        meta = getattr(self, "_pending_meta", None)
+        if meta is None:
+            raise ValueError("set meta_state before state (use from_state)")
+        self._reset_storage()
+        for name in ("sink_k", "sink_v", "tail_k", "tail_v"):
+            setattr(self, "_" + name, arrays.get(name))
+        self._packed_k = {n[2:]: a for n, a in arrays.items() if n.startswith("k.")}
+        self._packed_v = {n[2:]: a for n, a in arrays.items() if n.startswith("v.")}
+        self._n_packed = meta["packed"]
+        shape = meta.get("shape")
+        self._shape = tuple(shape) if shape else None
+        if self._shape is not None:
+            b, h, dk, dv = self._shape
+            probe_k = mx.zeros((b, h, 1, dk))
+            probe_v = mx.zeros((b, h, 1, dv))
+            self._build_codecs(probe_k, probe_v, arrays.get("k_perm"), arrays.get("v_perm"))
+        self._check_restored(arrays)
+
+    def _check_restored(self, arrays):
+        """Refuse arrays that do not fit the declared shape and codecs (a corrupt file)."""
+        lengths = {n: a.shape[2] for n, a in arrays.items() if n.startswith(("k.", "v."))}
+        if any(n != self._n_packed for n in lengths.values()):
+            raise ValueError(f"packed code arrays disagree on the token count {self._n_packed}")
+        if self._shape is None:
+            if arrays:
+                raise ValueError("cache state has arrays but no shape")
+            return
+        b, h, dk, dv = self._shape
+        for name, d in (("sink_k", dk), ("sink_v", dv), ("tail_k", dk), ("tail_v", dv)):
+            x = arrays.get(name)
+            if x is not None and (x.ndim != 4 or (x.shape[0], x.shape[1], x.shape[3]) != (b, h, d)):
+                raise ValueError(f"{name} has shape {x.shape}, expected ({b}, {h}, tokens, {d})")
+        for prefix, codec, d in (("k.", self._k_codec, dk), ("v.", self._v_codec, dv)):
+            expected = codec.encode(mx.zeros((b, h, 1, d))) if self._n_packed else {}
+            for name, probe in expected.items():
+                got = arrays.get(prefix + name)
+                if (
+                    got is None
+                    or got.dtype != probe.dtype
+                    or (got.shape[:2] + got.shape[3:] != probe.shape[:2] + probe.shape[3:])
+                ):
+                    raise ValueError(f"packed array {prefix + name} is missing or malformed")
+
+    @property
+    def meta_state(self) -> tuple[str, str]:
+        meta = dict(self.config(), offset=self.offset, packed=self._n_packed, shape=self._shape)
+        return (str(STATE_VERSION), json.dumps(meta))
+
+    @meta_state.setter
+    def meta_state(self, v):
+        version, text = v
+        if version != str(STATE_VERSION):
+            raise ValueError(
+                f"unsupported TurboQuant cache state version {version!r} (this tq-kvcache "
+                f"reads version {STATE_VERSION})"
+            )
+        meta = json.loads(text)
+        self.__init__(**{k: meta[k] for k in self.CONFIG_KEYS})
+        self.offset = meta["offset"]
+        self._pending_meta = meta
+
+    @classmethod
+    def from_state(cls, state, meta_state):
+        obj = cls.__new__(cls)
+        obj.meta_state = meta_state
+        obj.state = state
+        return obj
