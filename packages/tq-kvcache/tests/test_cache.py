@@ -1,0 +1,171 @@
+"""TurboQuantKVCache protocol: layout (sinks, flush batches, min_tokens), trim, state, errors,
+reconstruction quality against the codebook's distortion, bytes."""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+from tq_core.codebook import sphere_codebook
+from tq_kvcache import (
+    TurboQuantKVCache,
+    TurboQuantRotatingKVCache,
+    cache_attention,
+    convert_cache,
+)
+
+
+def _kv(n, b=1, h=2, d=64, seed=0):
+    mx.random.seed(seed)
+    return mx.random.normal((b, h, n, d)), mx.random.normal((b, h, n, d))
+
+
+def _cos(a, b):
+    a, b = a.astype(mx.float32), b.astype(mx.float32)
+    return mx.sum(a * b, -1) / (mx.linalg.norm(a, axis=-1) * mx.linalg.norm(b, axis=-1))
+
+
+@pytest.mark.parametrize("bad", [0, 5, 2.7, True, "3", None, 16])
+def test_bad_bits_are_refused(bad):
+    with pytest.raises(ValueError, match="k_bits"):
+        TurboQuantKVCache(k_bits=bad)
+    with pytest.raises(ValueError, match="v_bits"):
+        TurboQuantKVCache(v_bits=bad)
+
+
+def test_bad_knobs_are_refused():
+    with pytest.raises(ValueError, match="key_mode"):
+        TurboQuantKVCache(key_mode="qjl")
+    with pytest.raises(ValueError, match="sink_tokens"):
+        TurboQuantKVCache(sink_tokens=-1)
+    with pytest.raises(ValueError, match="buffer"):
+        TurboQuantKVCache(buffer=1.5)
+    with pytest.raises(ValueError, match="max_size"):
+        TurboQuantRotatingKVCache(max_size=0)
+
+
+def test_unsupported_head_dim_and_prod_eight_bits():
+    k, v = _kv(4, d=20)
+    with pytest.raises(ValueError, match="head_dim"):
+        TurboQuantKVCache().update_and_fetch(k, v)
+    k, v = _kv(4)
+    with pytest.raises(ValueError, match="prod"):
+        TurboQuantKVCache(k_bits=8, key_mode="prod").update_and_fetch(k, v)
+
+
+def test_other_model_shape_is_refused():
+    cache = TurboQuantKVCache()
+    cache.update_and_fetch(*_kv(3))
+    with pytest.raises(ValueError, match="another model"):
+        cache.update_and_fetch(*_kv(1, h=4))
+
+
+def test_layout_sinks_flush_batches_and_buffer():
+    cache = TurboQuantKVCache(k_bits=4, v_bits=4, sink_tokens=5, buffer=7, flush_batch=4)
+    k, v = _kv(40)
+    for t in range(40):
+        keys, values = cache.update_and_fetch(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        assert keys.shape[2] == t + 1 == cache.offset == cache.size()
+        packed = cache.packed_codes()[0]
+        n_packed = next(iter(packed.values())).shape[2] if packed else 0
+        tail = t + 1 - 5 - n_packed if t >= 5 else 0
+        assert n_packed % 4 == 0 and 7 <= tail + (0 if n_packed else 7) and tail <= 7 + 4
+    # sinks and tail come back exactly; packed tokens approximately
+    np.testing.assert_array_equal(np.array(keys[:, :, :5]), np.array(k[:, :, :5]))
+    np.testing.assert_array_equal(np.array(keys[:, :, -7:]), np.array(k[:, :, -7:]))
+    assert mx.min(_cos(keys, k)).item() > 0.97
+    assert not np.array_equal(np.array(keys[:, :, 5:25]), np.array(k[:, :, 5:25]))
+
+
+def test_prefill_is_not_compressed_until_next_update():
+    cache = TurboQuantKVCache(sink_tokens=2, buffer=4, flush_batch=1)
+    k, v = _kv(30)
+    keys, _ = cache.update_and_fetch(k, v)
+    np.testing.assert_array_equal(np.array(keys), np.array(k))  # prefill attends on fp16
+    cache.update_and_fetch(*_kv(1, seed=1))
+    assert next(iter(cache.packed_codes()[0].values())).shape[2] == 30 - 2 - 4
+
+
+def test_min_tokens_defers_compression():
+    cache = TurboQuantKVCache(sink_tokens=0, buffer=0, flush_batch=1, min_tokens=20)
+    k, v = _kv(30)
+    for t in range(30):
+        cache.update_and_fetch(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        if t < 20:
+            assert not cache.packed_codes()[0]
+    assert cache.packed_codes()[0]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_reconstruction_cosine_matches_codebook_distortion(bits):
+    d = 64
+    cache = TurboQuantKVCache(k_bits=bits, v_bits=bits, sink_tokens=0, buffer=0, flush_batch=1)
+    k, v = _kv(2048, h=2, d=d)
+    cache.update_and_fetch(k, v)
+    cache.compress()
+    keys, values = cache._full_kv(mx.float32)
+    expected = math.sqrt(1 - sphere_codebook(bits, d).distortion)
+    for got, x in ((keys, k), (values, v)):
+        assert abs(mx.mean(_cos(got, x)).item() - expected) < 0.003
+
+
+def test_trim_then_continue():
+    cache = TurboQuantKVCache(sink_tokens=3, buffer=2, flush_batch=1)
+    k, v = _kv(20)
+    cache.update_and_fetch(k, v)
+    cache.update_and_fetch(*_kv(1, seed=2))
+    assert cache.is_trimmable() and cache.trim(6) == 6
+    assert cache.offset == cache.size() == 15
+    keys, _ = cache.update_and_fetch(*_kv(2, seed=3))
+    assert keys.shape[2] == 17
+    assert cache.trim(100) == 17 and cache.empty()
+
+
+def test_state_round_trip_gives_identical_attention():
+    for knobs in (dict(k_bits=3, v_bits=2), dict(k_bits=3.5, v_bits=2.5, key_mode="prod")):
+        cache = TurboQuantKVCache(sink_tokens=4, buffer=3, flush_batch=1, **knobs)
+        cache.update_and_fetch(*_kv(50))
+        cache.update_and_fetch(*_kv(1, seed=1))
+        again = TurboQuantKVCache.from_state(cache.state, cache.meta_state)
+        q = mx.random.normal((1, 4, 1, 64))
+        np.testing.assert_array_equal(
+            np.array(cache_attention(q, cache, 0.125)), np.array(cache_attention(q, again, 0.125))
+        )
+        assert again.offset == cache.offset and again.config() == cache.config()
+
+
+def test_unknown_state_version_is_refused():
+    cache = TurboQuantKVCache()
+    cache.update_and_fetch(*_kv(3))
+    _, meta = cache.meta_state
+    with pytest.raises(ValueError, match="version"):
+        TurboQuantKVCache.from_state(cache.state, ("99", meta))
+
+
+def test_bytes_and_compression_ratio():
+    cache = TurboQuantKVCache(k_bits=3, v_bits=2, sink_tokens=0, buffer=0, flush_batch=1)
+    k, v = _kv(1024, h=8, d=128)
+    cache.update_and_fetch(k.astype(mx.float16), v.astype(mx.float16))
+    cache.compress()
+    assert cache.fp16_nbytes() == 2 * 8 * 1024 * 256
+    # 3 + 2 bits per coordinate plus two fp16 norms per token and head: 512 / 84 bytes.
+    assert cache.nbytes == 8 * 1024 * (128 * 5 // 8 + 4)
+    assert cache.fp16_nbytes() / cache.nbytes > 4.5
+
+
+def test_convert_filled_mlx_lm_caches():
+    k, v = _kv(40)
+    plain = KVCache()
+    plain.update_and_fetch(k, v)
+    rotating = RotatingKVCache(max_size=16, keep=2)
+    for t in range(40):
+        rotating.update_and_fetch(k[:, :, t : t + 1], v[:, :, t : t + 1])
+    tq_plain, tq_rot = convert_cache([plain, rotating], k_bits=4, v_bits=4, sink_tokens=4, buffer=4)
+    assert isinstance(tq_plain, TurboQuantKVCache) and tq_plain.offset == 40
+    assert isinstance(tq_rot, TurboQuantRotatingKVCache) and tq_rot.offset == 40
+    assert tq_rot.size() == 16 and tq_rot.keep == 2
+    keys, _ = tq_rot._full_kv(mx.float32)
+    want = mx.concatenate([k[:, :, :2], k[:, :, -14:]], axis=2)
+    assert mx.min(_cos(keys, want)).item() > 0.98
+    assert tq_plain.packed_codes()[0] and tq_plain.nbytes < plain.nbytes
