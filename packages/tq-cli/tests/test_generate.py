@@ -192,3 +192,40 @@ def test_generate_bad_arguments(tq_model, capsys, args, message):
 
 
 # --------------------------------------------------------------------------- eval
+
+
+# --------------------------------------------------------------------------- KV cache
+
+
+def test_generate_with_turboquant_kv_cache(tq_model, capsys):
+    base = ["generate", "--model", tq_model, "--prompt", "hi " * 200, "--max-tokens", 6]
+    base += ["--min-tokens", 6, "--no-chat-template"]
+    code, fp_out, fp_err = run_tq(capsys, *base)
+    assert code == 0 and "KV cache:" not in fp_err
+    argv = [*base, "--kv-k-bits", 8, "--kv-v-bits", 8, "--kv-sink", 4, "--kv-buffer", 4]
+    code, out, err = run_tq(capsys, *argv)
+    assert code == 0, err
+    assert len(out.split()) == 6 and "tokens-per-sec" in err
+    line = next(x for x in err.splitlines() if x.startswith("KV cache:"))
+    ratio = float(line.split("compression ")[1].rstrip("x"))
+    assert 1.0 < ratio < 4.0  # 8-bit codes with 8 fp16 tokens per layer kept
+    code, _, err = run_tq(
+        capsys, *base, "--kv-bits", 3, "--kv-key-mode", "prod", "--kv-sink", 0, "--kv-buffer", 0
+    )
+    assert code == 0, err
+    ratio = float(err.split("compression ")[1].split("x")[0])
+    assert ratio > 1.5
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--kv-bits", "5"], "--kv-k-bits"),
+        (["--kv-bits", "3", "--kv-k-bits", "4"], "not both"),
+        (["--kv-k-bits", "4"], "go together"),
+        (["--kv-bits", "3", "--kv-sink", "-1"], "--kv-sink"),
+    ],
+)
+def test_generate_bad_kv_arguments(tq_model, capsys, args, message):
+    code, _, err = run_tq(capsys, "generate", "--model", tq_model, *args)
+    assert message in assert_one_line_error(code, err, "tq generate: ")

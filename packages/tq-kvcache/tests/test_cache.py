@@ -148,10 +148,10 @@ def test_bytes_and_compression_ratio():
     k, v = _kv(1024, h=8, d=128)
     cache.update_and_fetch(k.astype(mx.float16), v.astype(mx.float16))
     cache.compress()
-    assert cache.fp16_nbytes() == 2 * 8 * 1024 * 256
+    assert cache.dense_nbytes() == 2 * 8 * 1024 * 256
     # 3 + 2 bits per coordinate plus two fp16 norms per token and head: 512 / 84 bytes.
     assert cache.nbytes == 8 * 1024 * (128 * 5 // 8 + 4)
-    assert cache.fp16_nbytes() / cache.nbytes > 4.5
+    assert cache.dense_nbytes() / cache.nbytes > 4.5
 
 
 def test_convert_filled_mlx_lm_caches():

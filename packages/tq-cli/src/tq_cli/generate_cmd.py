@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from .kv_options import cache_report, make_kv_cache
 from .main import CommandError
 
 DEFAULT_PROMPT = "hello"  # mlx_lm.generate's default
@@ -96,7 +97,7 @@ def encode_prompt(tokenizer, messages: list[dict], use_chat_template: bool) -> l
     return tokenizer.encode(text, add_special_tokens=not use_chat_template)
 
 
-def stream_reply(model, tokenizer, ids: list[int], args, sampler, out=None):
+def stream_reply(model, tokenizer, ids: list[int], args, sampler, out=None, prompt_cache=None):
     """Generate from ``ids``, writing text to ``out`` as it arrives; ``(text, last response)``."""
     import mlx.core as mx
     from mlx_lm.generate import stream_generate
@@ -116,6 +117,7 @@ def stream_reply(model, tokenizer, ids: list[int], args, sampler, out=None):
         max_tokens=args.max_tokens,
         sampler=sampler,
         logits_processors=processors or None,
+        prompt_cache=prompt_cache,
     ):
         out.write(response.text)
         out.flush()
@@ -180,7 +182,8 @@ def run(args) -> int:
     ids = encode_prompt(tokenizer, [*system, {"role": "user", "content": prompt}], use_template)
     if not ids:
         raise CommandError("the prompt is empty")
-    text, last = stream_reply(model, tokenizer, ids, args, sampler)
+    kv_cache = make_kv_cache(model, args)
+    text, last = stream_reply(model, tokenizer, ids, args, sampler, prompt_cache=kv_cache)
     print(flush=True)
     if not text:
         print(
@@ -188,6 +191,8 @@ def run(args) -> int:
             file=sys.stderr,
         )
     print_stats(last)
+    if kv_cache is not None:
+        print(cache_report(kv_cache), file=sys.stderr)
     return 0
 
 
@@ -215,10 +220,13 @@ def chat(model, tokenizer, args, sampler, use_template: bool, system: list[dict]
             continue
         messages.append({"role": "user", "content": line})
         ids = encode_prompt(tokenizer, messages, use_template)
-        text, last = stream_reply(model, tokenizer, ids, args, sampler)
+        kv_cache = make_kv_cache(model, args)  # the whole history is re-encoded each turn
+        text, last = stream_reply(model, tokenizer, ids, args, sampler, prompt_cache=kv_cache)
         print(flush=True)
         if args.verbose:
             print_stats(last)
+            if kv_cache is not None:
+                print(cache_report(kv_cache), file=sys.stderr)
         if use_template:
             messages.append({"role": "assistant", "content": text})
         else:

@@ -92,6 +92,7 @@ class TurboQuantKVCache:
         self._k_codec: KVCodec | None = None
         self._v_codec: KVCodec | None = None
         self._shape: tuple[int, int, int, int] | None = None  # (B, H, Dk, Dv)
+        self._itemsize = 2  # bytes per element of the keys/values the model gives
 
     # ------------------------------------------------------------------ configuration
 
@@ -136,6 +137,7 @@ class TurboQuantKVCache:
                 f"{shape}: a cache from another model or batch size"
             )
         self._shape = shape
+        self._itemsize = keys.dtype.size
 
     # ------------------------------------------------------------------ mlx-lm protocol
 
@@ -237,12 +239,13 @@ class TurboQuantKVCache:
         total += sum(a.nbytes for a in (*k_codes.values(), *v_codes.values()))
         return total
 
-    def fp16_nbytes(self) -> int:
-        """What the same tokens take in an fp16 KVCache (for compression ratios)."""
+    def dense_nbytes(self) -> int:
+        """What mlx-lm's KVCache would hold for the same tokens, in the dtype the model gave
+        (fp16/bf16 on a GPU, float32 on the CPU): the reference for compression ratios."""
         if self._shape is None:
             return 0
         b, h, dk, dv = self._shape
-        return 2 * b * h * self.size() * (dk + dv)
+        return self._itemsize * b * h * self.size() * (dk + dv)
 
     def is_trimmable(self) -> bool:
         return True
@@ -310,6 +313,7 @@ class TurboQuantKVCache:
         self._n_packed = meta["packed"]
         shape = meta.get("shape")
         self._shape = tuple(shape) if shape else None
+        self._itemsize = int(meta.get("itemsize", 2))
         if self._shape is not None:
             b, h, dk, dv = self._shape
             probe_k = mx.zeros((b, h, 1, dk))
@@ -344,7 +348,13 @@ class TurboQuantKVCache:
 
     @property
     def meta_state(self) -> tuple[str, str]:
-        meta = dict(self.config(), offset=self.offset, packed=self._n_packed, shape=self._shape)
+        meta = dict(
+            self.config(),
+            offset=self.offset,
+            packed=self._n_packed,
+            shape=self._shape,
+            itemsize=self._itemsize,
+        )
         return (str(STATE_VERSION), json.dumps(meta))
 
     @meta_state.setter
