@@ -1,13 +1,18 @@
 """Decode tokens/s of one model architecture as float16, mlx affine and TurboQuant, side by
 side in one run (random weights of the real shapes: speed does not depend on their values).
 
+TurboQuant variants run with tq-kernels' fused kernels where they apply (``tq4``, ``tq3``)
+or forced onto tq-core's reference path (``tq4-ref``, ``tq3-ref``: ``TQ_KERNELS=0``).
+
 usage: python benchmarks/decode_speed.py --model-dir DIR_WITH_CONFIG_AND_TOKENIZER
-           [--variants fp16,affine4,affine3,tq4,tq3] [--tokens 128] [--repeats 3] [--json F]
+           [--variants fp16,affine4,affine3,tq4,tq3,tq4-ref,tq3-ref] [--tokens 128]
+           [--repeats 3] [--json F]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -18,7 +23,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import load_config, load_tokenizer
-from tq_core import QuantRecipe, quantize_model
+from tq_core import QuantRecipe, dispatch, quantize_model
 from tq_core.lm.load import build_model
 
 PROMPT = "Write a long story about a lighthouse keeper and the sea. " * 2
@@ -36,7 +41,8 @@ def make_model(config: dict, variant: str) -> nn.Module:
     if variant.startswith("affine"):
         nn.quantize(model, group_size=64, bits=int(variant[-1]))
     elif variant.startswith("tq"):
-        quantize_model(model, QuantRecipe(bits=int(variant[-1]), group_size=64))
+        bits = int(variant.removesuffix("-ref")[-1])
+        quantize_model(model, QuantRecipe(bits=bits, group_size=64))
         model.set_dtype(mx.float16)
     mx.eval(model.parameters())
     return model
@@ -63,11 +69,19 @@ def decode_run(model, tokenizer, tokens: int) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-dir", required=True)
-    ap.add_argument("--variants", default="fp16,affine4,affine3,tq4,tq3")
+    ap.add_argument("--variants", default="fp16,affine4,affine3,tq4,tq3,tq4-ref,tq3-ref")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json")
     args = ap.parse_args()
+    backend = None
+    try:  # entry points may not be installed (device runs use PYTHONPATH): register directly
+        from tq_kernels import kernel_backend, register_all
+
+        register_all()
+        backend = kernel_backend()
+    except ImportError:
+        pass
     config = load_config(__import__("pathlib").Path(args.model_dir))
     config.pop("quantization", None)
     tokenizer = load_tokenizer(args.model_dir)
@@ -76,10 +90,14 @@ def main():
     rows = []
     for variant in args.variants.split(","):
         model = make_model(config, variant)
-        decode_run(model, tokenizer, 8)  # warmup (kernel compilation, allocations)
-        runs = [decode_run(model, tokenizer, args.tokens) for _ in range(args.repeats)]
+        path = dispatch.reference_only() if variant.endswith("-ref") else contextlib.nullcontext()
+        with path:
+            decode_run(model, tokenizer, 8)  # warmup (kernel compilation, allocations)
+            runs = [decode_run(model, tokenizer, args.tokens) for _ in range(args.repeats)]
+        fused = variant.startswith("tq") and not variant.endswith("-ref") and backend
         row = {
             "variant": variant,
+            "fused_kernels": bool(fused),
             "device": str(mx.default_device()),
             "weight_bytes": weight_bytes(model),
             "decode_tps_median": statistics.median(r["decode_tps"] for r in runs),
@@ -98,7 +116,7 @@ def main():
         mx.clear_cache()
     base = {r["variant"]: r["decode_tps_median"] for r in rows}
     for r in rows:
-        for ref in ("fp16", "affine4", "affine3"):
+        for ref in ("fp16", "affine4", "affine3", "tq4-ref", "tq3-ref"):
             if ref in base:
                 r[f"ratio_to_{ref}"] = r["decode_tps_median"] / base[ref]
     out = {
@@ -106,6 +124,8 @@ def main():
         "model_dir": args.model_dir,
         "tokens": args.tokens,
         "repeats": args.repeats,
+        "kernel_backend": backend,
+        "kernels_failed": sorted(dispatch._failed),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "rows": rows,
     }

@@ -51,6 +51,24 @@ def _bench_distortion(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_kernels(args: argparse.Namespace) -> int:
+    from . import bench_kernels
+
+    if args.calls < 1 or args.repeats < 1:
+        raise SystemExit("tq bench kernels: --calls and --repeats must be at least 1")
+    result = bench_kernels.run(
+        args.calls,
+        args.repeats,
+        moe=not args.no_moe,
+        prefill=not args.no_prefill,
+        sweep=args.sweep,
+    )
+    print(bench_kernels.render(result), file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        _emit_json(result, args.out)
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     import platform
 
@@ -98,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--json", action="store_true", help="print JSON (table goes to stderr)")
     dist.add_argument("--out", help="also write the JSON to this file")
     dist.set_defaults(func=_bench_distortion)
+    kern = bench_sub.add_parser("kernels", help="fused TurboQuant matvec vs fp16 and affine (GPU)")
+    kern.add_argument("--calls", type=int, default=100, help="products chained per eval")
+    kern.add_argument("--repeats", type=int, default=5)
+    kern.add_argument("--no-moe", action="store_true")
+    kern.add_argument("--no-prefill", action="store_true")
+    kern.add_argument("--sweep", action="store_true", help="also time launch geometries")
+    kern.add_argument("--json", action="store_true", help="print JSON (table goes to stderr)")
+    kern.add_argument("--out", help="also write the JSON to this file")
+    kern.set_defaults(func=_bench_kernels)
 
     _add_convert(sub)
     _add_generate(sub)
@@ -193,6 +220,9 @@ def _add_generate(sub) -> None:
         help="forbid end-of-sequence for the first N generated tokens",
     )
     gen.add_argument("--verbose", action="store_true", help="speed stats after each chat reply")
+    from .kv_options import add_kv_arguments
+
+    add_kv_arguments(gen)
     gen.set_defaults(func=_generate, cmd_name="tq generate")
 
 

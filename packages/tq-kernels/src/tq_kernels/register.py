@@ -1,0 +1,16 @@
+"""Entry point of the ``tq_core.kernels`` group: registers the fused ops into tq-core."""
+
+from __future__ import annotations
+
+from tq_core import dispatch
+
+from .ops import weight_gather_matmul, weight_matmul
+
+__all__ = ["register_all"]
+
+
+def register_all() -> None:
+    """Register ``weight_matmul`` and ``weight_gather_matmul``. Safe on every backend: the
+    ops return ``None`` (reference path) where no GPU kernel applies."""
+    dispatch.register_kernel("weight_matmul", weight_matmul)
+    dispatch.register_kernel("weight_gather_matmul", weight_gather_matmul)

@@ -1,0 +1,222 @@
+"""Fused kernels against tq-core's reference on a GPU (skipped where MLX has none, as on CI).
+
+The reference is computed in float32 (dequantize, then matmul); a GPU may round float32
+matmuls through TF32 (~1e-3), so tolerances are relative to the output's largest entry and
+sized for the activation dtype.
+"""
+
+import math
+
+import mlx.core as mx
+import pytest
+from tq_core import QJLResidual, QuantizedWeight, dispatch, pack
+from tq_core.weights import dequantize_weight_rotated, qjl_sketch_values
+from tq_kernels import (
+    LaunchConfig,
+    dequantize,
+    kernel_backend,
+    matvec,
+    register_all,
+    weight_gather_matmul,
+    weight_matmul,
+)
+
+pytestmark = pytest.mark.skipif(kernel_backend() is None, reason="no GPU backend (Metal/CUDA)")
+
+TOL = {mx.float32: 5e-3, mx.float16: 5e-3, mx.bfloat16: 2e-2}
+DTYPES = {"f16": mx.float16, "bf16": mx.bfloat16, "f32": mx.float32}
+
+
+def random_codes(shape, bits, gs, seed=0, scale=0.05):
+    """Random packed indices and positive fp16 scales for a (..., N, K) weight."""
+    k1, k2 = mx.random.split(mx.random.key(seed))
+    idx = mx.random.randint(0, 2**bits, shape, key=k1).astype(mx.uint32)
+    groups = (*shape[:-1], shape[-1] // gs)
+    scales = (scale * (0.5 + mx.random.uniform(shape=groups, key=k2))).astype(mx.float16)
+    return QuantizedWeight(pack(idx, bits), scales, bits, gs)
+
+
+def random_qjl(shape, gs, seed=1):
+    k1, k2 = mx.random.split(mx.random.key(seed))
+    bits = mx.random.randint(0, 2, shape, key=k1).astype(mx.uint32)
+    groups = (*shape[:-1], shape[-1] // gs)
+    scales = (0.01 * mx.random.uniform(shape=groups, key=k2)).astype(mx.float16)
+    return QJLResidual(pack(bits, 1), scales, gs)
+
+
+def reference(x, codes, qjl=None, xs=None):
+    w = dequantize_weight_rotated(codes, dtype=mx.float32)
+    y = x.astype(mx.float32) @ w.swapaxes(-1, -2)
+    if qjl is not None:
+        y = y + xs.astype(mx.float32) @ qjl_sketch_values(qjl).swapaxes(-1, -2)
+    return y
+
+
+def rel_err(got, want):
+    scale = max(mx.abs(want).max().item(), 1e-12)
+    return mx.abs(got.astype(mx.float32) - want).max().item() / scale
+
+
+@pytest.fixture(autouse=True)
+def _gpu():
+    mx.set_default_device(mx.gpu)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("gs", [32, 64, 128])
+def test_matvec_bits_and_group_sizes(bits, gs):
+    n, k = 100, 1536  # 100 rows: not a multiple of 32, nor of the rows per threadgroup
+    codes = random_codes((n, k), bits, gs, seed=bits * 7 + gs)
+    x = mx.random.normal((1, k), key=mx.random.key(3)).astype(mx.float16)
+    y = weight_matmul(x, codes)
+    assert y.shape == (1, n) and y.dtype == mx.float16
+    assert rel_err(y, reference(x, codes)) < TOL[mx.float16]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+def test_matvec_dtypes_and_rows(dtype, rows):
+    dt = DTYPES[dtype]
+    n, k = 576, 576
+    codes = random_codes((n, k), 3, 64, seed=rows)
+    x = mx.random.normal((rows, k), key=mx.random.key(rows)).astype(dt)
+    y = weight_matmul(x, codes)
+    assert y.dtype == dt and y.shape == (rows, n)
+    assert rel_err(y, reference(x, codes)) < TOL[dt]
+
+
+@pytest.mark.parametrize(("n", "k"), [(2880, 2880), (1536, 576), (77, 14336), (14336, 128)])
+def test_matvec_odd_shapes(n, k):
+    codes = random_codes((n, k), 4, 64, seed=n)
+    x = mx.random.normal((2, 3, k), key=mx.random.key(k)).astype(mx.bfloat16)
+    y = weight_matmul(x, codes)
+    assert y.shape == (2, 3, n)
+    assert rel_err(y, reference(x, codes)) < TOL[mx.bfloat16]
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [LaunchConfig(1, 1, 4), LaunchConfig(2, 2, 4), LaunchConfig(4, 4, 4), LaunchConfig(8, 2, 8)],
+)
+def test_matvec_every_launch_geometry(cfg):
+    codes = random_codes((333, 2880), 3, 32, seed=5)
+    x = mx.random.normal((4, 2880), key=mx.random.key(9)).astype(mx.float16)
+    assert rel_err(matvec(x, codes, config=cfg), reference(x, codes)) < TOL[mx.float16]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_matvec_with_qjl(dtype, bits):
+    dt = DTYPES[dtype]
+    n, k, gs = 200, 1536, 64
+    codes = random_codes((n, k), bits, gs, seed=bits)
+    qjl = random_qjl((n, k), gs)
+    x = mx.random.normal((1, k), key=mx.random.key(1)).astype(dt)
+    xs = mx.random.normal((1, k), key=mx.random.key(2)).astype(dt)
+    y = weight_matmul(x, codes, qjl, xs)
+    assert rel_err(y, reference(x, codes, qjl, xs)) < TOL[dt]
+
+
+@pytest.mark.parametrize("rows", [12, 16, 40])
+@pytest.mark.parametrize("with_qjl", [False, True])
+def test_many_rows_chunked_and_prefill(rows, with_qjl):
+    n, k = 300, 1024
+    codes = random_codes((n, k), 3, 64, seed=rows)
+    qjl = random_qjl((n, k), 64) if with_qjl else None
+    x = mx.random.normal((rows, k), key=mx.random.key(rows)).astype(mx.float16)
+    xs = mx.random.normal((rows, k), key=mx.random.key(7)).astype(mx.float16) if qjl else None
+    y = weight_matmul(x, codes, qjl, xs)
+    assert rel_err(y, reference(x, codes, qjl, xs)) < TOL[mx.float16]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_dequantize_matches_reference_exactly(bits):
+    codes = random_codes((3, 50, 640), bits, 128, seed=bits)
+    got = dequantize(codes, mx.float32)
+    want = dequantize_weight_rotated(codes, dtype=mx.float32)
+    assert got.shape == want.shape
+    assert mx.array_equal(got, want).item()
+
+
+def test_zero_groups_and_extreme_scales():
+    n, k = 96, 512
+    codes = random_codes((n, k), 4, 64, seed=11)
+    s = codes.scales.astype(mx.float32)
+    s = mx.where(mx.arange(n)[:, None] % 3 == 0, 0.0, s)  # zero groups
+    s = mx.where(mx.arange(n)[:, None] % 3 == 1, 6.0e4, s)  # near float16's max
+    codes = QuantizedWeight(codes.indices, s.astype(mx.float16), 4, 64)
+    x = mx.random.normal((1, k), key=mx.random.key(0)).astype(mx.float32)
+    y = weight_matmul(x, codes)
+    ref = reference(x, codes)
+    assert mx.all(y[:, ::3] == 0).item()
+    assert rel_err(y, ref) < TOL[mx.float32]
+
+
+def test_nan_and_inf_propagate():
+    n, k = 64, 256
+    codes = random_codes((n, k), 3, 64, seed=2)
+    x = mx.random.normal((2, k), key=mx.random.key(0)).astype(mx.float16)
+    x = mx.where((mx.arange(2)[:, None] == 1) & (mx.arange(k)[None] == 5), mx.nan, x)
+    y = weight_matmul(x, codes)
+    assert not mx.any(mx.isnan(y[0])).item() and mx.all(mx.isnan(y[1])).item()
+    s = mx.where(mx.arange(n)[:, None] == 7, mx.inf, codes.scales.astype(mx.float32))
+    codes = QuantizedWeight(codes.indices, s.astype(mx.float16), 3, 64)
+    xf = mx.random.normal((1, k), key=mx.random.key(1))
+    got, ref = weight_matmul(xf, codes), reference(xf, codes)
+    assert mx.array_equal(mx.isfinite(got), mx.isfinite(ref)).item()
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("with_qjl", [False, True])
+def test_gather_matvec_like_switch_glu(bits, with_qjl):
+    e, n, k, topk = 8, 200, 576, 3
+    codes = random_codes((e, n, k), bits, 64, seed=bits)
+    qjl = random_qjl((e, n, k), 64) if with_qjl else None
+    # mlx-lm's SwitchGLU: x (B, L, 1, 1, K), indices (B, L, top-k) -> (B, L, top-k, 1, N)
+    x = mx.random.normal((1, 2, 1, 1, k), key=mx.random.key(0)).astype(mx.float16)
+    xs = x[..., ::-1] if with_qjl else None
+    idx = mx.array([[[0, 5, 7], [5, 2, 0]]], dtype=mx.uint32)
+    got = weight_gather_matmul(x, codes, idx, False, qjl, xs)
+    want = mx.gather_mm(
+        x.astype(mx.float32),
+        dequantize_weight_rotated(codes).swapaxes(-1, -2),
+        rhs_indices=idx,
+    )
+    if qjl is not None:
+        want = want + mx.gather_mm(
+            xs.astype(mx.float32), qjl_sketch_values(qjl).swapaxes(-1, -2), rhs_indices=idx
+        )
+    assert got.shape == want.shape == (1, 2, topk, 1, n)
+    assert rel_err(got, want) < TOL[mx.float16]
+
+
+def test_gather_sorted_many_entries_uses_dequantized_experts():
+    e, n, k = 4, 64, 256
+    codes = random_codes((e, n, k), 3, 64, seed=4)
+    idx = mx.sort(mx.random.randint(0, e, (40,), key=mx.random.key(1))).astype(mx.uint32)
+    x = mx.random.normal((40, 1, k), key=mx.random.key(2)).astype(mx.float16)
+    got = weight_gather_matmul(x, codes, idx, True)
+    want = mx.gather_mm(
+        x.astype(mx.float32),
+        dequantize_weight_rotated(codes).swapaxes(-1, -2),
+        rhs_indices=idx,
+        sorted_indices=True,
+    )
+    assert rel_err(got, want) < TOL[mx.float16]
+
+
+def test_layers_through_dispatch_match_reference_path():
+    import mlx.nn as nn
+    from tq_core import TurboQuantLinear
+
+    register_all()
+    lin = nn.Linear(1536, 320)
+    layer = TurboQuantLinear.from_linear(lin, bits=3, group_size=64, use_qjl=True)
+    x = mx.random.normal((1, 1, 1536), key=mx.random.key(0)).astype(mx.float16)
+    fused = layer(x)
+    with dispatch.reference_only():
+        ref = layer(x)
+    assert dispatch._kernels.get("weight_matmul") is weight_matmul
+    assert "weight_matmul" not in dispatch._failed
+    assert rel_err(fused, ref.astype(mx.float32)) < 1e-2
+    assert math.isfinite(mx.abs(fused).max().item())

@@ -1,0 +1,76 @@
+"""Kernel source text: every op yields CUDA and Metal source from one body (runs on CI)."""
+
+import mlx.core as mx
+import pytest
+from tq_kernels import OPS, LaunchConfig, kernel_source, launch_config
+from tq_kernels.launch import row_bucket
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("qjl", [False, True])
+def test_every_op_yields_cuda_and_metal_source(op, qjl):
+    if op == "dequantize" and qjl:
+        pytest.skip("dequantize has no QJL variant")
+    cuda, metal = kernel_source(op, "cuda", qjl), kernel_source(op, "metal", qjl)
+    assert "__shfl_xor_sync" in cuda.header and "__shared__" in cuda.header
+    assert "simd_sum" in metal.header and "threadgroup_barrier" in metal.header
+    assert "__shared__" not in metal.header + metal.body
+    assert "threadIdx" not in metal.header + metal.body
+    # One body: the backends differ only in the prelude and the thread-id lines.
+    strip = lambda s: s.split("tq_gid")[-1].split("\n", 1)[1]  # noqa: E731
+    assert strip(cuda.body) == strip(metal.body)
+    assert cuda.input_names == metal.input_names
+
+
+def test_unknown_op_and_backend_raise():
+    with pytest.raises(ValueError, match="unknown op"):
+        kernel_source("conv", "cuda")
+    with pytest.raises(ValueError, match="backend"):
+        kernel_source("matvec", "vulkan")
+
+
+def test_launch_config_checks_and_buckets():
+    with pytest.raises(ValueError, match="rows_per_warp"):
+        LaunchConfig(rows_per_warp=3)
+    with pytest.raises(ValueError, match="ksplit"):
+        LaunchConfig(ksplit=3, warps=4)
+    assert [row_bucket(r) for r in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+    with pytest.raises(ValueError, match="at most 8"):
+        row_bucket(9)
+    cfg = launch_config(4096, 14336, 1)
+    assert cfg.warps % cfg.ksplit == 0 and cfg.rows_per_group >= 1
+
+
+def test_ops_decline_on_the_cpu():
+    from tq_core import QuantizedWeight
+    from tq_kernels import weight_gather_matmul, weight_matmul
+
+    codes = QuantizedWeight(
+        mx.zeros((64, 6), dtype=mx.uint32), mx.ones((64, 1), dtype=mx.float16), 3, 64
+    )
+    with mx.stream(mx.cpu):
+        prev = mx.default_device()
+        mx.set_default_device(mx.cpu)
+        try:
+            assert weight_matmul(mx.ones((1, 64)), codes) is None
+            experts = QuantizedWeight(codes.indices[None], codes.scales[None], 3, 64)
+            assert (
+                weight_gather_matmul(mx.ones((1, 1, 64)), experts, mx.zeros((1,), mx.uint32))
+                is None
+            )
+        finally:
+            mx.set_default_device(prev)
+
+
+def test_register_all_fills_tq_core_dispatch():
+    from tq_core import dispatch
+    from tq_kernels import register_all, weight_gather_matmul, weight_matmul
+
+    saved = dict(dispatch._kernels)
+    try:
+        register_all()
+        assert dispatch._kernels["weight_matmul"] is weight_matmul
+        assert dispatch._kernels["weight_gather_matmul"] is weight_gather_matmul
+    finally:
+        dispatch._kernels.clear()
+        dispatch._kernels.update(saved)
