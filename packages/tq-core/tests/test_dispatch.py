@@ -79,10 +79,23 @@ def test_sibling_projections_share_one_rotation(monkeypatch):
     q = TurboQuantLinear.from_linear(nn.Linear(128, 32), bits=3, group_size=64)
     k = TurboQuantLinear.from_linear(nn.Linear(128, 16), bits=4, group_size=64)
     calls = []
-    real = weight_layer.rotate
-    monkeypatch.setattr(weight_layer, "rotate", lambda x, r: calls.append(1) or real(x, r))
+    real = weight_layer._rotate_trusted
+    monkeypatch.setattr(weight_layer, "_rotate_trusted", lambda x, r: calls.append(1) or real(x, r))
     x = mx.random.normal((1, 128))
     q(x), k(x)
     assert len(calls) == 1
     q(mx.random.normal((1, 128)))  # a new input is rotated afresh
     assert len(calls) == 2
+
+
+def test_layer_rotation_equals_checked_rotate_and_follows_new_signs(assert_close):
+    from tq_core.rotation import rotate
+
+    layer = TurboQuantLinear.from_linear(nn.Linear(192, 8), bits=3, group_size=64)
+    x = mx.random.normal((3, 192))
+    x_rot, _ = layer.rotated_inputs(x, mx.float32)
+    assert_close(x_rot, rotate(x, layer.rotation()))
+    layer.signs = -layer.signs  # new weights loaded: the cached cast must not be reused
+    x_rot2, _ = layer.rotated_inputs(mx.array(x), mx.float32)
+    assert_close(x_rot2, rotate(x, layer.rotation()))
+    assert not mx.allclose(x_rot, x_rot2).item()

@@ -17,6 +17,7 @@ from tq_kernels import (
     kernel_backend,
     matvec,
     register_all,
+    rotating_weight_matmul,
     weight_gather_matmul,
     weight_matmul,
 )
@@ -129,6 +130,48 @@ def test_many_rows_chunked_and_prefill(rows, with_qjl):
     assert rel_err(y, reference(x, codes, qjl, xs)) < TOL[mx.float16]
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize(("k", "span"), [(576, 32), (576, 64), (1536, 128), (14336, 64)])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_rotating_matvec_equals_rotate_then_matvec(dtype, k, span, rows):
+    from tq_core.rotation import make_rotation, rotate
+
+    dt = DTYPES[dtype]
+    n = 77  # not a multiple of the rows per warp; K = 576 leaves lanes idle (18 blocks)
+    codes = random_codes((n, k), 3, 64, seed=k + span)
+    rot = make_rotation(k, seed=span, block=span)
+    rot = type(rot)(rot.dim, rot.block, rot.seed, rot.signs.astype(dt))
+    x = mx.random.normal((rows, 1, k), key=mx.random.key(rows)).astype(dt)
+    got = rotating_weight_matmul(x, codes, rot)
+    assert got is not None and got.shape == (rows, 1, n) and got.dtype == dt
+    want = reference(rotate(x.astype(mx.float32), make_rotation(k, seed=span, block=span)), codes)
+    assert rel_err(got, want) < TOL[dt]
+
+
+@pytest.mark.parametrize(
+    "cfg", [LaunchConfig(1, 1, 4), LaunchConfig(4, 4, 4), LaunchConfig(8, 2, 8)]
+)
+def test_rotating_matvec_every_launch_geometry(cfg):
+    from tq_core.rotation import make_rotation, rotate
+    from tq_kernels import pack_sign_bits, rotating_matvec
+
+    k = 2880  # 90 blocks of 32: a K-split leaves some warps' last step half idle
+    rot = make_rotation(k, seed=3, block=64)
+    codes = random_codes((333, k), 4, 32, seed=5)
+    x = mx.random.normal((2, k), key=mx.random.key(9))
+    got = rotating_matvec(x, codes, pack_sign_bits(rot.signs), 64, config=cfg)
+    assert rel_err(got, reference(rotate(x, rot), codes)) < TOL[mx.float32]
+
+
+def test_rotating_matvec_declines_what_it_cannot_do():
+    from tq_core.rotation import make_rotation
+
+    codes = random_codes((64, 576), 3, 64)
+    x = mx.ones((3, 576), dtype=mx.float16)
+    assert rotating_weight_matmul(x, codes, make_rotation(576, block=64)) is None  # 3 rows
+    assert rotating_weight_matmul(x[:1], codes, make_rotation(576, block=192)) is None  # m=12
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_dequantize_matches_reference_exactly(bits):
     codes = random_codes((3, 50, 640), bits, 128, seed=bits)
@@ -217,6 +260,24 @@ def test_layers_through_dispatch_match_reference_path():
     with dispatch.reference_only():
         ref = layer(x)
     assert dispatch._kernels.get("weight_matmul") is weight_matmul
-    assert "weight_matmul" not in dispatch._failed
+    assert not dispatch._failed
     assert rel_err(fused, ref.astype(mx.float32)) < 1e-2
     assert math.isfinite(mx.abs(fused).max().item())
+
+
+def test_layers_rotating_path_matches_reference_path():
+    import mlx.nn as nn
+    from tq_core import TurboQuantEmbedding, TurboQuantLinear
+
+    register_all()
+    lin = TurboQuantLinear.from_linear(nn.Linear(576, 1536), bits=4, group_size=64)
+    emb = TurboQuantEmbedding.from_embedding(nn.Embedding(1000, 576), bits=3, group_size=64)
+    for x in (mx.random.normal((1, 1, 576)), mx.random.normal((1, 2, 576))):
+        for dt in (mx.float16, mx.bfloat16):
+            xd = x.astype(dt)
+            fused_lin, fused_head = lin(xd), emb.as_linear(xd)
+            with dispatch.reference_only():
+                ref_lin, ref_head = lin(xd), emb.as_linear(xd)
+            assert rel_err(fused_lin, ref_lin.astype(mx.float32)) < TOL[dt]
+            assert rel_err(fused_head, ref_head.astype(mx.float32)) < TOL[dt]
+    assert not dispatch._failed

@@ -22,6 +22,27 @@ def test_every_op_yields_cuda_and_metal_source(op, qjl):
     assert cuda.input_names == metal.input_names
 
 
+def test_rotating_matvec_source_for_both_backends():
+    cuda, metal = (
+        kernel_source("matvec", "cuda", rotate=True),
+        kernel_source("matvec", "metal", rotate=True),
+    )
+    assert cuda.input_names[-1] == metal.input_names[-1] == "rsigns"
+    assert "__shfl_xor_sync" in cuda.header and "simd_shuffle_xor" in metal.header
+    strip = lambda s: s.split("tq_gid")[-1].split("\n", 1)[1]  # noqa: E731
+    assert strip(cuda.body) == strip(metal.body) and "rsigns, out" in cuda.body
+    with pytest.raises(ValueError, match="rotate"):
+        kernel_source("matvec", "cuda", qjl=True, rotate=True)
+
+
+def test_sign_bits_pack_negative_signs():
+    from tq_kernels import pack_sign_bits
+
+    signs = mx.ones((64,))
+    signs = mx.where(mx.array([i in (0, 5, 33, 63) for i in range(64)]), -1.0, signs)
+    assert pack_sign_bits(signs).tolist() == [(1 << 0) | (1 << 5), (1 << 1) | (1 << 31)]
+
+
 def test_unknown_op_and_backend_raise():
     with pytest.raises(ValueError, match="unknown op"):
         kernel_source("conv", "cuda")

@@ -59,9 +59,12 @@ def _random_tq(shape, bits: int, seed: int):
 
 
 def _dense_rows(n: int, k: int, calls: int, repeats: int, rows: int) -> list[dict]:
-    from tq_kernels import weight_matmul
+    from tq_core.rotation import Rotation, make_rotation
+    from tq_kernels import rotating_weight_matmul, weight_matmul
 
     x = mx.random.normal((rows, k)).astype(mx.float16)
+    r = make_rotation(k, seed=0, block=GROUP)
+    rot = Rotation(r.dim, r.block, r.seed, r.signs.astype(mx.float16))
     out = []
 
     def measure(name, bits, weights, fn, nbytes):
@@ -105,6 +108,8 @@ def _dense_rows(n: int, k: int, calls: int, repeats: int, rows: int) -> list[dic
         nb = _nbytes(codes[0].indices, codes[0].scales)
         codes += [_random_tq((n, k), b, seed=i) for i in range(1, _copies(nb, calls))]
         measure("turboquant", b, codes, lambda c: weight_matmul(x, c), nb)
+        # The decode path: the kernel rotates the raw activation itself (span 64).
+        measure("turboquant+rot", b, codes, lambda c: rotating_weight_matmul(x, c, rot), nb)
         del codes
     return out
 
@@ -201,11 +206,15 @@ def _prefill_rows(calls: int, repeats: int) -> list[dict]:
     return out
 
 
-def _sweep_rows(calls: int, repeats: int) -> list[dict]:
-    """Launch geometries of the dense matvec on the issue's shapes (tuning aid)."""
-    from tq_kernels import LaunchConfig, launch_config
+def _sweep_rows(calls: int, repeats: int, shapes=DENSE_SHAPES) -> list[dict]:
+    """Launch geometries of the rotating dense matvec (the decode path) on ``shapes``."""
+    from tq_core.rotation import make_rotation
+    from tq_kernels import LaunchConfig, launch_config, pack_sign_bits
 
     configs = [
+        LaunchConfig(1, 1, 4),
+        LaunchConfig(2, 4, 4),
+        LaunchConfig(1, 2, 4),
         LaunchConfig(4, 1, 4),
         LaunchConfig(4, 2, 4),
         LaunchConfig(4, 4, 4),
@@ -216,14 +225,17 @@ def _sweep_rows(calls: int, repeats: int) -> list[dict]:
         LaunchConfig(4, 4, 8),
     ]
     out = []
-    for n, k in DENSE_SHAPES:
+    for n, k in shapes:
         x = mx.random.normal((1, k)).astype(mx.float16)
+        sign_bits = pack_sign_bits(make_rotation(k, seed=0, block=GROUP).signs)
         for b in (3, 4):
             first = _random_tq((n, k), b, seed=0)
             nb = _nbytes(first.indices, first.scales)
             codes = [first] + [_random_tq((n, k), b, seed=s) for s in range(1, _copies(nb, calls))]
             for cfg in configs:
-                sec = _time_matvec(x, codes, cfg, calls, repeats)
+                if (k // 32) < 32 * cfg.ksplit:
+                    continue  # a K-split warp would get no block
+                sec = _time_matvec(x, codes, sign_bits, cfg, calls, repeats)
                 out.append(
                     {
                         "shape": f"{n}x{k}",
@@ -238,11 +250,16 @@ def _sweep_rows(calls: int, repeats: int) -> list[dict]:
     return out
 
 
-def _time_matvec(x, codes, cfg, calls: int, repeats: int) -> float:
-    from tq_kernels import matvec
+def _time_matvec(x, codes, sign_bits, cfg, calls: int, repeats: int) -> float:
+    from tq_kernels import rotating_matvec
 
     return _time_per_call(
-        lambda c: [matvec(x, codes[i % len(codes)], config=cfg) for i in range(c)], calls, repeats
+        lambda c: [
+            rotating_matvec(x, codes[i % len(codes)], sign_bits, GROUP, config=cfg)
+            for i in range(c)
+        ],
+        calls,
+        repeats,
     )
 
 
@@ -252,7 +269,7 @@ def add_ratios(rows: list[dict]) -> None:
     fp16 = {r["shape"]: r["us_per_call"] for r in rows if r["kind"] == "fp16"}
     for r in rows:
         ref = affine.get((r["shape"], r["bits"]))
-        if r["kind"] == "turboquant" and ref:
+        if r["kind"].startswith("turboquant") and ref:
             r["time_ratio_to_affine"] = r["us_per_call"] / ref
         if r["shape"] in fp16:
             r["time_ratio_to_fp16"] = r["us_per_call"] / fp16[r["shape"]]
@@ -270,6 +287,7 @@ def run(
     from tq_kernels import kernel_backend, register_all
 
     register_all()
+    shapes = tuple(shapes)
     rows = []
     for n, k in shapes:
         rows += _dense_rows(n, k, calls, repeats, 1)
@@ -290,7 +308,7 @@ def run(
     if prefill:
         result["prefill"] = _prefill_rows(calls, repeats)
     if sweep:
-        result["sweep"] = _sweep_rows(calls, repeats)
+        result["sweep"] = _sweep_rows(calls, repeats, shapes)
     return result
 
 

@@ -23,6 +23,18 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _shape_list(text: str) -> list[tuple[int, int]]:
+    try:
+        shapes = [tuple(int(v) for v in part.lower().split("x")) for part in text.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 2 or min(s) < 1 or s[1] % 128 for s in shapes):
+        raise argparse.ArgumentTypeError(
+            f"expected OUTxIN[,OUTxIN...] with IN a multiple of 128, got {text!r}"
+        )
+    return shapes
+
+
 def _emit_json(payload, out: str | None) -> None:
     text = json.dumps(payload, indent=2)
     print(text)
@@ -62,6 +74,7 @@ def _bench_kernels(args: argparse.Namespace) -> int:
         moe=not args.no_moe,
         prefill=not args.no_prefill,
         sweep=args.sweep,
+        **({"shapes": args.shapes} if args.shapes else {}),
     )
     print(bench_kernels.render(result), file=sys.stderr if args.json else sys.stdout)
     if args.json:
@@ -122,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     kern.add_argument("--no-moe", action="store_true")
     kern.add_argument("--no-prefill", action="store_true")
     kern.add_argument("--sweep", action="store_true", help="also time launch geometries")
+    kern.add_argument(
+        "--shapes",
+        type=_shape_list,
+        help="dense shapes OUTxIN,... (default: 4096x4096,14336x4096,4096x14336,2880x2880)",
+    )
     kern.add_argument("--json", action="store_true", help="print JSON (table goes to stderr)")
     kern.add_argument("--out", help="also write the JSON to this file")
     kern.set_defaults(func=_bench_kernels)

@@ -13,6 +13,10 @@ rotated once more by its sketch, both present or both ``None``):
 
 - ``"weight_matmul"``: ``fn(x_rot (..., in), codes: QuantizedWeight (out, in), qjl, x_sketch)``
   returns ``x_rot @ W_rot.T`` of shape ``(..., out)`` in ``x_rot.dtype``.
+- ``"rotating_weight_matmul"``: ``fn(x (..., in), codes (out, in), rotation: Rotation)``
+  returns ``rotate(x, rotation) @ W_rot.T``: the kernel rotates the activation itself
+  (decode, where a separate rotation costs more launches than it saves). ``rotation.signs``
+  is in ``x.dtype``. Layers without QJL try it first, then ``weight_matmul``.
 - ``"weight_gather_matmul"``: ``fn(x_rot, codes (E, out, in), expert_indices,
   sorted_indices, qjl, x_sketch)`` returns what
   ``mx.gather_mm(x_rot, W_rot.swapaxes(-1, -2), rhs_indices=expert_indices)`` returns.
@@ -29,7 +33,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib.metadata import entry_points
 
-OPS = ("weight_matmul", "weight_gather_matmul")
+OPS = ("weight_matmul", "rotating_weight_matmul", "weight_gather_matmul")
 ENTRY_POINT_GROUP = "tq_core.kernels"
 
 _kernels: dict[str, Callable] = {}

@@ -62,8 +62,10 @@ class TurboQuantEmbedding(TurboQuantWeights):
 
     def as_linear(self, x: mx.array) -> mx.array:
         dtype = compute_dtype(x)
-        x_rot, x_sketch = self.rotated_inputs(x, dtype)
-        y = dispatch.call_kernel("weight_matmul", x_rot, self.codes(), self.qjl(), x_sketch)
+        y = self.fused_rotating_matmul(x, dtype)
+        if y is None:
+            x_rot, x_sketch = self.rotated_inputs(x, dtype)
+            y = dispatch.call_kernel("weight_matmul", x_rot, self.codes(), self.qjl(), x_sketch)
         if y is None:
             y = x_rot @ dequantize_weight_rotated(self.codes(), dtype=dtype).T
             if self.use_qjl:

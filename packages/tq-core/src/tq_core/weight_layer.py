@@ -8,6 +8,8 @@ import threading
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import dispatch
+from .hadamard import _transform
 from .pack import packed_words
 from .rotation import Rotation, random_signs, rotate
 from .weights import (
@@ -52,6 +54,23 @@ def rotate_shared(x: mx.array, rotation: Rotation, key: tuple, dtype=None) -> mx
     value = rotate(x if dtype is None else x.astype(dtype), rotation)
     _rotation_memo.entries[key] = (x, value)
     return value
+
+
+def _rotate_trusted(x: mx.array, rotation: Rotation) -> mx.array:
+    """:func:`rotate` for a layer's own rotation, whose signs are already in x's dtype and
+    whose sizes were validated when the layer was built: two MLX ops, no checks (decode
+    calls this once per projection input per token, where Python overhead is the cost)."""
+    blocks = (x * rotation.signs).reshape(*x.shape[:-1], rotation.num_blocks, rotation.block)
+    return _transform(blocks, rotation.block).reshape(x.shape)
+
+
+class _SignsCache:
+    """A layer's rotation with its signs cast to each compute dtype, built once. Keyed on
+    the identity of the stored signs array, so loading new weights invalidates it. (A plain
+    object, not a dict: ``nn.Module`` would take a dict attribute for a parameter tree.)"""
+
+    def __init__(self):
+        self.entries: dict[tuple, Rotation] = {}
 
 
 class TurboQuantWeights(nn.Module):
@@ -144,14 +163,47 @@ class TurboQuantWeights(nn.Module):
         if self.use_qjl:
             self.qjl_signs, self.qjl_scales = shaped[2], shaped[3]
 
+    def _rotation_as(self, dtype) -> Rotation:
+        cache = self.__dict__.get("_signs_cache")
+        if cache is None:
+            cache = _SignsCache()
+            object.__setattr__(self, "_signs_cache", cache)
+        signs = self.signs
+        key = (id(signs), dtype)
+        rot = cache.entries.get(key)
+        if rot is None or rot.signs.shape != signs.shape:
+            cache.entries.clear()  # the signs changed (weights loaded): drop stale casts
+            cast = signs.astype(dtype)
+            mx.eval(cast)
+            rot = Rotation(self.input_dims, self.span, self.seed, cast)
+            cache.entries[key] = rot
+            cache.entries[("keep", id(signs))] = signs  # pin: ids stay unique while cached
+        return rot
+
+    def fused_rotating_matmul(self, x: mx.array, dtype) -> mx.array | None:
+        """``(R x) @ W_rot.T`` by a kernel that rotates x itself, or ``None`` (no such
+        kernel registered or applicable, or the layer has a QJL residual)."""
+        if self.use_qjl:
+            return None
+        xd = x if x.dtype == dtype else x.astype(dtype)
+        codes = QuantizedWeight(self["indices"], self["scales"], self.bits, self.group_size)
+        return dispatch.call_kernel("rotating_weight_matmul", xd, codes, self._rotation_as(dtype))
+
     def rotated_inputs(self, x: mx.array, dtype) -> tuple[mx.array, mx.array | None]:
         """``(R x, S R x)`` in ``dtype``: the activation in the weights' rotated basis and,
         with QJL, in the sketch basis; shared with sibling layers that read the same ``x``."""
-        key = (self.input_dims, self.span, self.seed)
-        x_rot = rotate_shared(x, self.rotation(), key, dtype)
+        key = (self.input_dims, self.span, self.seed, dtype)
+        entry = _rotation_memo.entries.get(key)
+        if entry is not None and entry[0] is x:
+            x_rot = entry[1]
+        else:
+            xd = x if x.dtype == dtype else x.astype(dtype)
+            x_rot = _rotate_trusted(xd, self._rotation_as(dtype))
+            _rotation_memo.entries[key] = (x, x_rot)
         if not self.use_qjl:
             return x_rot, None
-        return x_rot, rotate_shared(x_rot, self.sketch(), (*key, "qjl"))
+        sketch_key = (self.input_dims, self.span, self.seed, "qjl")
+        return x_rot, rotate_shared(x_rot, self.sketch(), sketch_key)
 
     def _extra_repr(self) -> str:
         qjl = ", qjl" if self.use_qjl else ""

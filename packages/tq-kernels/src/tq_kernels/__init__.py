@@ -2,8 +2,8 @@
 
 from .backend import kernel_backend
 from .launch import LaunchConfig, launch_config
-from .matvec import dequantize, gather_matvec, matvec
-from .ops import weight_gather_matmul, weight_matmul
+from .matvec import dequantize, gather_matvec, matvec, pack_sign_bits, rotating_matvec
+from .ops import rotating_weight_matmul, weight_gather_matmul, weight_matmul
 from .register import register_all
 from .sources import OPS, kernel_source
 
@@ -19,7 +19,10 @@ __all__ = [
     "kernel_source",
     "launch_config",
     "matvec",
+    "pack_sign_bits",
     "register_all",
+    "rotating_matvec",
+    "rotating_weight_matmul",
     "weight_gather_matmul",
     "weight_matmul",
 ]

@@ -15,7 +15,7 @@ from tq_core import QJLResidual, QuantizedWeight, gaussian_codebook
 from .build import get_kernel
 from .launch import LaunchConfig, launch_config, row_bucket
 
-__all__ = ["matvec", "gather_matvec", "dequantize"]
+__all__ = ["matvec", "rotating_matvec", "gather_matvec", "dequantize", "pack_sign_bits"]
 
 _DEQUANT_THREADS = 256
 
@@ -38,6 +38,34 @@ def _template(x_dtype, codes: QuantizedWeight, rows: int, cfg: LaunchConfig, qjl
     ]
 
 
+#: Rotation blocks the matvec can apply itself (one to four lanes of 32 values).
+ROTATE_SPANS = (32, 64, 128)
+#: Activation rows up to which the matvec rotates in registers (32 floats per row per lane).
+ROTATE_MAX_ROWS = 2
+
+
+@cache
+def _matvec_plan(dtype, n, k, rows, bits, gs, qjl: bool, cfg, span: int = 0, lead=None):
+    """Everything of a matvec launch but its inputs, built once per shape: decode calls the
+    same few shapes every token, so this keeps the per-call Python work to one lookup.
+    ``span`` > 0: the kernel rotates the activation itself, in blocks of ``span``."""
+    cfg = cfg or launch_config(n, k, rows)
+    template = [("T", dtype), ("BITS", bits), ("GS", gs), ("M", row_bucket(rows))]
+    template += [*cfg.template(), ("QJL", qjl), ("ROT", span > 0), ("SPAN", span or 32)]
+    groups = -(-n // cfg.rows_per_group)
+    return (
+        get_kernel("matvec", qjl, rotate=span > 0),
+        _codebook(bits),
+        {
+            "template": template,
+            "grid": (groups * cfg.threads, 1, 1),
+            "threadgroup": (cfg.threads, 1, 1),
+            "output_shapes": [(*(lead or (rows,)), n)],
+            "output_dtypes": [dtype],
+        },
+    )
+
+
 def matvec(
     x: mx.array,
     codes: QuantizedWeight,
@@ -47,21 +75,42 @@ def matvec(
 ) -> mx.array:
     """``x (rows <= 8, K) @ W.T`` (+ the QJL term) for a 2-D ``codes`` of shape (N, K)."""
     rows, k = x.shape
-    n = codes.scales.shape[0]
-    cfg = config or launch_config(n, k, rows)
-    inputs = [x, codes.indices, codes.scales, _codebook(codes.bits)]
+    kernel, codebook, launch = _matvec_plan(
+        x.dtype,
+        codes.scales.shape[0],
+        k,
+        rows,
+        codes.bits,
+        codes.group_size,
+        qjl is not None,
+        config,
+    )
+    inputs = [x, codes.indices, codes.scales, codebook]
     if qjl is not None:
         inputs += [x_sketch, qjl.signs, qjl.scales]
-    groups = -(-n // cfg.rows_per_group)
-    (out,) = get_kernel("matvec", qjl is not None)(
-        inputs=inputs,
-        template=_template(x.dtype, codes, rows, cfg, qjl is not None),
-        grid=(groups * cfg.threads, 1, 1),
-        threadgroup=(cfg.threads, 1, 1),
-        output_shapes=[(rows, n)],
-        output_dtypes=[x.dtype],
-    )
-    return out
+    return kernel(inputs=inputs, **launch)[0]
+
+
+def rotating_matvec(
+    x: mx.array,
+    codes: QuantizedWeight,
+    sign_bits: mx.array,
+    span: int,
+    config: LaunchConfig | None = None,
+) -> mx.array:
+    """``(R x) @ W.T`` for ``x (..., K)`` of at most 2 rows, not yet rotated: the kernel
+    applies the signs (``sign_bits``: uint32, bit j of word b set where sign b*32+j is -1)
+    and the Hadamard blocks of ``span`` (32, 64 or 128) in registers, so no rotated copy of
+    x is made. Returns (..., N): the kernel reads the rows off x's shape, so no reshapes."""
+    *lead, k = x.shape
+    rows = math.prod(lead)
+    if span not in ROTATE_SPANS or rows > ROTATE_MAX_ROWS:
+        raise ValueError(f"rotating_matvec: span {span} / {rows} rows not supported")
+    n = codes.scales.shape[0]
+    bits, gs = codes.bits, codes.group_size
+    plan = _matvec_plan(x.dtype, n, k, rows, bits, gs, False, config, span, tuple(lead))
+    kernel, codebook, launch = plan
+    return kernel(inputs=[x, codes.indices, codes.scales, codebook, sign_bits], **launch)[0]
 
 
 def gather_matvec(
@@ -90,6 +139,12 @@ def gather_matvec(
         output_dtypes=[x.dtype],
     )
     return out
+
+
+def pack_sign_bits(signs: mx.array) -> mx.array:
+    """±1 signs (K,) as K/32 uint32 words, bit j of word b set where sign b*32+j is -1."""
+    neg = (signs.astype(mx.float32) < 0).astype(mx.uint32).reshape(-1, 32)
+    return mx.sum(neg << mx.arange(32, dtype=mx.uint32), axis=-1).astype(mx.uint32)
 
 
 def dequantize(codes: QuantizedWeight, dtype=mx.float16) -> mx.array:

@@ -18,9 +18,23 @@ from tq_core.weights import qjl_sketch_values
 
 from .backend import kernel_backend
 from .launch import MAX_ROWS
-from .matvec import dequantize, gather_matvec, matvec
+from .matvec import (
+    ROTATE_MAX_ROWS,
+    ROTATE_SPANS,
+    dequantize,
+    gather_matvec,
+    matvec,
+    pack_sign_bits,
+    rotating_matvec,
+)
 
-__all__ = ["weight_matmul", "weight_gather_matmul", "KERNEL_BITS", "CHUNKED_ROWS"]
+__all__ = [
+    "weight_matmul",
+    "rotating_weight_matmul",
+    "weight_gather_matmul",
+    "KERNEL_BITS",
+    "CHUNKED_ROWS",
+]
 
 KERNEL_BITS = (2, 3, 4, 8)
 _FLOATS = (mx.float16, mx.bfloat16, mx.float32)
@@ -63,17 +77,49 @@ def weight_matmul(
     n = codes.scales.shape[0]
     x = x_rot.reshape(rows, k)
     xs = None if qjl is None else x_sketch.astype(x.dtype).reshape(rows, k)
-    if rows <= CHUNKED_ROWS:
+    if rows <= MAX_ROWS:
+        y = matvec(x, codes, qjl, xs)
+    elif rows <= CHUNKED_ROWS:
         parts = [
             matvec(x[i : i + MAX_ROWS], codes, qjl, None if xs is None else xs[i : i + MAX_ROWS])
             for i in range(0, rows, MAX_ROWS)
         ]
-        y = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
+        y = mx.concatenate(parts, axis=0)
     else:
         y = x @ dequantize(codes, x.dtype).T
         if qjl is not None:
             y = y + xs @ qjl_sketch_values(qjl, dtype=x.dtype).T
     return y.reshape(*lead, n)
+
+
+class _SignBits:
+    """Packed sign bits per rotation signs array (keyed by identity, the array pinned so the
+    identity stays unique): a layer's signs are packed once, not on every token."""
+
+    def __init__(self):
+        self.entries: dict[int, tuple[mx.array, mx.array]] = {}
+
+    def get(self, signs: mx.array) -> mx.array:
+        hit = self.entries.get(id(signs))
+        if hit is None or hit[0] is not signs:
+            bits = pack_sign_bits(signs)
+            mx.eval(bits)
+            hit = self.entries[id(signs)] = (signs, bits)
+        return hit[1]
+
+
+_sign_bits = _SignBits()
+
+
+def rotating_weight_matmul(x: mx.array, codes: QuantizedWeight, rotation) -> mx.array | None:
+    """``rotate(x, rotation) @ W.T`` with the rotation done inside the matvec kernel (decode:
+    at most 2 rows, a power-of-two rotation block of 32 to 128), or ``None``. This is the
+    per-token path of every dense projection, so it checks only what can differ per call."""
+    if rotation.block not in ROTATE_SPANS or codes.indices.ndim != 2:
+        return None
+    if x.size > ROTATE_MAX_ROWS * rotation.dim or not _applies(x, codes, None, None):
+        return None
+    return rotating_matvec(x, codes, _sign_bits.get(rotation.signs), rotation.block)
 
 
 def weight_gather_matmul(

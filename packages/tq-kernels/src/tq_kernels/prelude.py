@@ -7,6 +7,7 @@ vocabulary, so one text compiles with ``mx.fast.cuda_kernel`` and ``mx.fast.meta
   ``TQ_BARRIER()`` (threadgroup barrier), ``TQ_THREAD`` (address space of a thread's own
   arrays), ``tq_uint``;
 - ``tq_simd_sum(v)``: sum over the 32 lanes of a warp / SIMD group (both are 32 wide);
+  ``tq_shuffle_xor(v, mask)``: the value of lane ``lane ^ mask``;
 - ``tq_float(v)`` / ``tq_cast<T>(v)``: conversions to and from float;
 - ``tq_load_x8(dst, p)``: 8 activations as floats; ``tq_load_words<NB>(dst, p)``: NB packed
   words. CUDA uses 16-byte vector loads (rows are multiples of 32 values, so these are
@@ -36,6 +37,10 @@ TQ_INLINE float tq_simd_sum(float v) {
   v += __shfl_xor_sync(0xffffffffu, v, 2);
   v += __shfl_xor_sync(0xffffffffu, v, 1);
   return v;
+}
+
+TQ_INLINE float tq_shuffle_xor(float v, int mask) {
+  return __shfl_xor_sync(0xffffffffu, v, mask);
 }
 
 template <typename V> TQ_INLINE float tq_float(V v) { return static_cast<float>(v); }
@@ -98,6 +103,7 @@ using namespace metal;
 typedef uint tq_uint;
 
 inline float tq_simd_sum(float v) { return simd_sum(v); }
+inline float tq_shuffle_xor(float v, int mask) { return simd_shuffle_xor(v, (ushort)mask); }
 
 template <typename V> inline float tq_float(V v) { return static_cast<float>(v); }
 template <typename T> inline T tq_cast(float v) { return static_cast<T>(v); }

@@ -30,12 +30,17 @@ __all__ = ["OPS", "KernelSource", "kernel_source"]
 OPS = ("matvec", "gather_matvec", "dequantize")
 
 _MATVEC_IMPL = r"""
-// out[m * out_stride + n] = sum_k x[m, k] * s[n, k / GS] * C[code(n, k)]  (+ QJL term)
+// out[m * out_stride + n] = sum_k x'[m, k] * s[n, k / GS] * C[code(n, k)]  (+ QJL term),
+// where x' = x, or with ROT the rotation R x (signs, then blockwise Hadamard of SPAN) done
+// here in registers: lane j of a warp holds 32 consecutive values, SPAN / 32 neighbouring
+// lanes exchange the rest of each Hadamard block through shuffles (DESIGN.md, weights).
 template <typename T, int BITS, int GS, int M, int RPW, int KSPLIT, int NWARPS, bool QJL,
-          typename XP, typename WP, typename SP, typename CP, typename OP, typename SH>
+          bool ROT, int SPAN, typename XP, typename WP, typename SP, typename CP,
+          typename OP, typename SH>
 TQ_INLINE void tq_qmv(XP x, XP xs, WP w, SP scales, WP qsigns, SP qscales, CP codebook,
-                      OP out, const int rows, const int N, const int K, const int out_stride,
-                      const int cta, const tq_uint tid, SH cb_sh, SH red_sh) {
+                      WP rsigns, OP out, const int rows, const int N, const int K,
+                      const int out_stride, const int cta, const tq_uint tid, SH cb_sh,
+                      SH red_sh) {
   const int lane = (int)(tid & 31u);
   const int warp = (int)(tid >> 5);
   const int rg = warp / KSPLIT;
@@ -74,7 +79,11 @@ TQ_INLINE void tq_qmv(XP x, XP xs, WP w, SP scales, WP qsigns, SP qscales, CP co
 #pragma unroll
     for (int i = 0; i < RPW; ++i) tq_load_words<BITS>(wd[i], w + wrow[i] + (size_t)blk * BITS);
   }
-  for (; blk < nblk; blk += step) {
+  // Every lane runs every step (the rotation's shuffles need the whole warp); a lane past
+  // the row's end loads and adds nothing. nblk is a multiple of SPAN / 32, so the lanes of
+  // one Hadamard block are live together.
+  for (int base = ks * 32; base < nblk; base += step, blk += step) {
+    const bool live = blk < nblk;
     // Prefetch the next step's words so their latency hides behind this step's math.
     const int nxt = blk + step;
     tq_uint wn[RPW][BITS];
@@ -82,67 +91,121 @@ TQ_INLINE void tq_qmv(XP x, XP xs, WP w, SP scales, WP qsigns, SP qscales, CP co
 #pragma unroll
       for (int i = 0; i < RPW; ++i) tq_load_words<BITS>(wn[i], w + wrow[i] + (size_t)nxt * BITS);
     }
-    const int g = (blk * 32) / GS;
-    float sc[RPW];
-    tq_uint sg[RPW];
-    float qs[RPW];
+    float xr[M][32];
+    if (ROT) {
+      const tq_uint sb = live ? rsigns[blk] : 0u;
 #pragma unroll
-    for (int i = 0; i < RPW; ++i) {
-      sc[i] = tq_float(scales[srow[i] + g]);
-      if (QJL) {
-        sg[i] = qsigns[qrow[i] + blk];
-        qs[i] = tq_float(qscales[srow[i] + g]);
+      for (int m = 0; m < M; ++m) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          if (live) {
+            tq_load_x8(&xr[m][c * 8], x + xrow[m] + (size_t)blk * 32 + c * 8);
+          } else {
+#pragma unroll
+            for (int t = 0; t < 8; ++t) xr[m][c * 8 + t] = 0.0f;
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < 32; ++j)
+          if ((sb >> j) & 1u) xr[m][j] = -xr[m][j];
+        // Walsh-Hadamard butterflies in natural (Sylvester) order, as mx.hadamard_transform.
+#pragma unroll
+        for (int h = 1; h < 32; h <<= 1) {
+#pragma unroll
+          for (int j = 0; j < 32; ++j) {
+            if ((j & h) == 0) {
+              const float a = xr[m][j];
+              const float b = xr[m][j + h];
+              xr[m][j] = a + b;
+              xr[m][j + h] = a - b;
+            }
+          }
+        }
+#pragma unroll
+        for (int h = 1; h < SPAN / 32; h <<= 1) {
+          const bool hi = (lane & h) != 0;
+#pragma unroll
+          for (int j = 0; j < 32; ++j) {
+            const float p = tq_shuffle_xor(xr[m][j], h);
+            xr[m][j] = hi ? p - xr[m][j] : xr[m][j] + p;
+          }
+        }
+        const float norm = SPAN == 32 ? 0.17677669529663687f
+                         : SPAN == 64 ? 0.125f : 0.08838834764831845f;
+#pragma unroll
+        for (int j = 0; j < 32; ++j) xr[m][j] *= norm;
       }
     }
-    float part[M][RPW];
-    float qpart[M][RPW];
-#pragma unroll
-    for (int m = 0; m < M; ++m)
-#pragma unroll
-      for (int i = 0; i < RPW; ++i) { part[m][i] = 0.0f; qpart[m][i] = 0.0f; }
-
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      float xv[M][8];
-#pragma unroll
-      for (int m = 0; m < M; ++m) tq_load_x8(xv[m], x + xrow[m] + (size_t)blk * 32 + c * 8);
+    if (live) {
+      const int g = (blk * 32) / GS;
+      float sc[RPW];
+      tq_uint sg[RPW];
+      float qs[RPW];
 #pragma unroll
       for (int i = 0; i < RPW; ++i) {
-#pragma unroll
-        for (int t = 0; t < 8; ++t) {
-          // Value j of the block: bits [j*BITS, j*BITS + BITS) of the block's words.
-          const int p = (c * 8 + t) * BITS;
-          const int q = p >> 5;
-          const int s = p & 31;
-          tq_uint code = wd[i][q] >> s;
-          if (s + BITS > 32) code |= wd[i][(q + 1 < BITS) ? q + 1 : q] << ((32 - s) & 31);
-          const float wv = cb_sh[code & ((1u << BITS) - 1u)];
-#pragma unroll
-          for (int m = 0; m < M; ++m) part[m][i] += wv * xv[m][t];
+        sc[i] = tq_float(scales[srow[i] + g]);
+        if (QJL) {
+          sg[i] = qsigns[qrow[i] + blk];
+          qs[i] = tq_float(qscales[srow[i] + g]);
         }
       }
-      if (QJL) {
-        float sv[M][8];
+      float part[M][RPW];
+      float qpart[M][RPW];
 #pragma unroll
-        for (int m = 0; m < M; ++m) tq_load_x8(sv[m], xs + xrow[m] + (size_t)blk * 32 + c * 8);
+      for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int i = 0; i < RPW; ++i) { part[m][i] = 0.0f; qpart[m][i] = 0.0f; }
+
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        float xv[M][8];
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          if (ROT) {
+#pragma unroll
+            for (int t = 0; t < 8; ++t) xv[m][t] = xr[m][c * 8 + t];
+          } else {
+            tq_load_x8(xv[m], x + xrow[m] + (size_t)blk * 32 + c * 8);
+          }
+        }
 #pragma unroll
         for (int i = 0; i < RPW; ++i) {
 #pragma unroll
           for (int t = 0; t < 8; ++t) {
-            const bool plus = ((sg[i] >> (c * 8 + t)) & 1u) != 0u;
+            // Value j of the block: bits [j*BITS, j*BITS + BITS) of the block's words.
+            const int p = (c * 8 + t) * BITS;
+            const int q = p >> 5;
+            const int s = p & 31;
+            tq_uint code = wd[i][q] >> s;
+            if (s + BITS > 32) code |= wd[i][(q + 1 < BITS) ? q + 1 : q] << ((32 - s) & 31);
+            const float wv = cb_sh[code & ((1u << BITS) - 1u)];
 #pragma unroll
-            for (int m = 0; m < M; ++m) qpart[m][i] += plus ? sv[m][t] : -sv[m][t];
+            for (int m = 0; m < M; ++m) part[m][i] += wv * xv[m][t];
+          }
+        }
+        if (QJL) {
+          float sv[M][8];
+#pragma unroll
+          for (int m = 0; m < M; ++m) tq_load_x8(sv[m], xs + xrow[m] + (size_t)blk * 32 + c * 8);
+#pragma unroll
+          for (int i = 0; i < RPW; ++i) {
+#pragma unroll
+            for (int t = 0; t < 8; ++t) {
+              const bool plus = ((sg[i] >> (c * 8 + t)) & 1u) != 0u;
+#pragma unroll
+              for (int m = 0; m < M; ++m) qpart[m][i] += plus ? sv[m][t] : -sv[m][t];
+            }
           }
         }
       }
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int i = 0; i < RPW; ++i) {
+          acc[m][i] += sc[i] * part[m][i];
+          if (QJL) acc[m][i] += qs[i] * qpart[m][i];
+        }
     }
-#pragma unroll
-    for (int m = 0; m < M; ++m)
-#pragma unroll
-      for (int i = 0; i < RPW; ++i) {
-        acc[m][i] += sc[i] * part[m][i];
-        if (QJL) acc[m][i] += qs[i] * qpart[m][i];
-      }
 #pragma unroll
     for (int i = 0; i < RPW; ++i)
 #pragma unroll
@@ -213,9 +276,13 @@ TQ_INLINE void tq_dequant(WP w, SP scales, CP codebook, OP out, const int N, con
 _SHARED_DECLS = "  TQ_SHARED float tq_cb[1 << BITS];\n  TQ_SHARED float tq_red[NWARPS * M * RPW];\n"
 
 _MATVEC_BODY = r"""
-  tq_qmv<T, BITS, GS, M, RPW, KSPLIT, NWARPS, QJL>(
-      x, {xs}, w, scales, {qsigns}, {qscales}, codebook, out,
-      x_shape[0], scales_shape[0], x_shape[1], scales_shape[0], tq_bx, tq_tid, tq_cb, tq_red);
+  // x is (..., K): its leading dimensions are the rows, so callers need not reshape.
+  int tq_rows = 1;
+  for (int d = 0; d + 1 < x_ndim; ++d) tq_rows *= x_shape[d];
+  tq_qmv<T, BITS, GS, M, RPW, KSPLIT, NWARPS, QJL, ROT, SPAN>(
+      x, {xs}, w, scales, {qsigns}, {qscales}, codebook, {rsigns}, out,
+      tq_rows, scales_shape[0], x_shape[x_ndim - 1], scales_shape[0], tq_bx, tq_tid,
+      tq_cb, tq_red);
 """
 
 _GATHER_BODY = r"""
@@ -227,8 +294,8 @@ _GATHER_BODY = r"""
   const size_t wpe = (size_t)N * ((K >> 5) * BITS);
   const size_t spe = (size_t)N * (K / GS);
   const size_t xo = (size_t)tq_by * R * K;
-  tq_qmv<T, BITS, GS, M, RPW, KSPLIT, NWARPS, QJL>(
-      x + xo, {xs}, w + e * wpe, scales + e * spe, {qsigns}, {qscales}, codebook,
+  tq_qmv<T, BITS, GS, M, RPW, KSPLIT, NWARPS, QJL, false, 32>(
+      x + xo, {xs}, w + e * wpe, scales + e * spe, {qsigns}, {qscales}, codebook, w,
       out + (size_t)tq_by * R * N, R, N, K, N, tq_bx, tq_tid, tq_cb, tq_red);
 """
 
@@ -250,13 +317,17 @@ class KernelSource:
     output_names: tuple[str, ...]
 
 
-def kernel_source(op: str, backend: str, qjl: bool = False) -> KernelSource:
-    """The source of ``op`` for ``backend`` ("cuda" or "metal"), with or without QJL."""
+def kernel_source(op: str, backend: str, qjl: bool = False, rotate: bool = False) -> KernelSource:
+    """The source of ``op`` for ``backend`` ("cuda" or "metal"), with or without QJL; with
+    ``rotate`` (matvec without QJL only) the kernel takes the unrotated activation and the
+    rotation's packed sign bits ``rsigns``, and rotates in registers (template ROT, SPAN)."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; known ops: {', '.join(OPS)}")
+    if rotate and (op != "matvec" or qjl):
+        raise ValueError("rotate=True is for the matvec op without QJL")
     header = prelude(backend)
     ids = thread_ids(backend)
-    tag = "_qjl" if qjl else ""
+    tag = ("_qjl" if qjl else "") + ("_rot" if rotate else "")
     if op == "dequantize":
         return KernelSource(
             f"tq_dequant_{backend}",
@@ -279,6 +350,9 @@ def kernel_source(op: str, backend: str, qjl: bool = False) -> KernelSource:
     else:
         # Without QJL the unused pointers alias real ones; QJL=false compiles them out.
         fill = {"xs": "x + xo" if gather else "x", "qsigns": "w", "qscales": "scales"}
+    fill["rsigns"] = "rsigns" if rotate else "w"  # likewise with ROT=false
+    if rotate:
+        names += ["rsigns"]
     body = (_GATHER_BODY if gather else _MATVEC_BODY).format(**fill)
     return KernelSource(
         f"tq_{op}{tag}_{backend}",
