@@ -1,5 +1,30 @@
-"""tq-stream: MoE expert streaming from disk for TurboQuant models. Scaffold: API lands later."""
+"""tq-stream: run MoE models with their experts streamed from disk through a byte-budgeted
+LRU, bit-identical to the resident model."""
+
+from .expert_cache import CacheStats, ExpertCache
+from .expert_store import ExpertLayout, ExpertLoader
+from .reader import RangeReader
+from .safetensors_index import StreamError, TensorSlot, index_checkpoint, read_header
+from .streamed_moe import Prefetcher, StreamedExperts
+from .streaming_model import StreamingSession, expert_modules, load_streaming, read_pin_file
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "__version__",
+    "CacheStats",
+    "ExpertCache",
+    "ExpertLayout",
+    "ExpertLoader",
+    "Prefetcher",
+    "RangeReader",
+    "StreamError",
+    "StreamedExperts",
+    "StreamingSession",
+    "TensorSlot",
+    "expert_modules",
+    "index_checkpoint",
+    "load_streaming",
+    "read_header",
+    "read_pin_file",
+]
