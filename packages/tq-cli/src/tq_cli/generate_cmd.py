@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .kv_options import cache_report, make_kv_cache
 from .main import CommandError
+from .stream_options import check_stream_arguments, load_streamed, print_report, write_stats
 
 DEFAULT_PROMPT = "hello"  # mlx_lm.generate's default
 DEFAULT_MAX_TOKENS = 100
@@ -163,12 +164,27 @@ def _check_args(args) -> None:
 
 def run(args) -> int:
     import mlx.core as mx
-    from mlx_lm.sample_utils import make_sampler
 
     _check_args(args)
+    check_stream_arguments(args)
     path = resolve_tq_model(args.model, args.preset)
     mx.reset_peak_memory()  # a conversion just made does not count; loading does, as in mlx-lm
-    model, tokenizer = load_tq(path)
+    session = None
+    if args.stream_experts:
+        model, tokenizer, session = load_streamed(path, args)
+    else:
+        model, tokenizer = load_tq(path)
+    try:
+        return _run_loaded(args, model, tokenizer, session)
+    finally:
+        if session is not None:
+            session.close()
+
+
+def _run_loaded(args, model, tokenizer, session) -> int:
+    import mlx.core as mx
+    from mlx_lm.sample_utils import make_sampler
+
     if args.seed is not None:
         mx.random.seed(args.seed)
     sampler = make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k)
@@ -193,6 +209,19 @@ def run(args) -> int:
     print_stats(last)
     if kv_cache is not None:
         print(cache_report(kv_cache), file=sys.stderr)
+    stats = {
+        "prompt_tokens": last.prompt_tokens,
+        "prompt_tps": last.prompt_tps,
+        "generation_tokens": last.generation_tokens,
+        "generation_tps": last.generation_tps,
+        "peak_memory_gb": last.peak_memory,
+    }
+    if kv_cache is not None:
+        stats["kv_cache"] = cache_report(kv_cache)
+    if session is not None:
+        stats["experts"] = print_report(session, last.prompt_tokens + last.generation_tokens)
+    if args.stats_json:
+        write_stats(args.stats_json, stats)
     return 0
 
 

@@ -144,10 +144,68 @@ def build_parser() -> argparse.ArgumentParser:
     kern.add_argument("--out", help="also write the JSON to this file")
     kern.set_defaults(func=_bench_kernels)
 
+    strm = bench_sub.add_parser(
+        "stream", help="expert streaming vs resident on a synthetic MoE checkpoint (>= 4 GB)"
+    )
+    strm.add_argument("--dir", help="where to build the checkpoint (default: a temp dir)")
+    strm.add_argument("--gb", type=float, default=4.0, help="checkpoint size to build")
+    strm.add_argument("--budget", type=float, default=0.25, help="expert cache / expert bytes")
+    strm.add_argument("--tokens", type=int, default=32, help="decoded tokens per run")
+    strm.add_argument("--keep", action="store_true", help="keep the built checkpoint")
+    strm.add_argument("--json", action="store_true", help="print JSON (table goes to stderr)")
+    strm.add_argument("--out", help="also write the JSON to this file")
+    strm.set_defaults(func=_bench_stream)
+
     _add_convert(sub)
     _add_generate(sub)
     _add_eval(sub)
+    _add_experts(sub)
     return parser
+
+
+def _bench_stream(args: argparse.Namespace) -> int:
+    from . import bench_stream
+
+    result = bench_stream.run(args)
+    print(bench_stream.render(result), file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        _emit_json(result, args.out)
+    return 0
+
+
+def _add_experts(sub) -> None:
+    cal = sub.add_parser(
+        "calibrate-experts",
+        help="count expert use on a text: write pin.json (hot experts) and perm.json (order)",
+    )
+    cal.add_argument("--model", required=True, help="TurboQuant (or float) MoE checkpoint")
+    cal.add_argument("--data", required=True, help="text file to run through the model")
+    cal.add_argument("--tokens", type=int, default=2048, help="tokens of --data to use")
+    cal.add_argument("--seq-len", type=int, default=256, help="tokens per forward pass")
+    cal.add_argument("--pin-gb", type=float, default=1.0, help="bytes of experts to pin")
+    cal.add_argument("--expert-cache-gb", type=float, help="stream with this budget")
+    cal.add_argument("--out", help="folder for pin.json and perm.json (default: --model)")
+    cal.set_defaults(func=_calibrate, cmd_name="tq calibrate-experts")
+    rep = sub.add_parser(
+        "repack-experts", help="rewrite a checkpoint with experts in perm.json's order"
+    )
+    rep.add_argument("--model", required=True)
+    rep.add_argument("--perm", required=True, help="perm.json from calibrate-experts")
+    rep.add_argument("--out", required=True, help="new checkpoint directory")
+    rep.add_argument("--force", action="store_true", help="replace --out if it exists")
+    rep.set_defaults(func=_repack, cmd_name="tq repack-experts")
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from . import calibrate_cmd
+
+    return calibrate_cmd.run(args)
+
+
+def _repack(args: argparse.Namespace) -> int:
+    from . import repack_cmd
+
+    return repack_cmd.run(args)
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -239,13 +297,33 @@ def _add_generate(sub) -> None:
     )
     gen.add_argument("--verbose", action="store_true", help="speed stats after each chat reply")
     from .kv_options import add_kv_arguments
+    from .stream_options import add_stream_arguments
 
     add_kv_arguments(gen)
+    add_stream_arguments(gen)
     gen.set_defaults(func=_generate, cmd_name="tq generate")
 
 
+def _eval_kv(args: argparse.Namespace) -> int:
+    from . import eval_kv
+
+    return eval_kv.run(args)
+
+
+def _eval_niah(args: argparse.Namespace) -> int:
+    from . import eval_niah
+
+    return eval_niah.run(args)
+
+
+def _eval_jsonl(args: argparse.Namespace) -> int:
+    from . import eval_jsonl
+
+    return eval_jsonl.run(args)
+
+
 def _add_eval(sub) -> None:
-    ev = sub.add_parser("eval", help="evaluations (perplexity)")
+    ev = sub.add_parser("eval", help="evaluations (perplexity, KV cache fidelity, tasks)")
     ev_sub = ev.add_subparsers(dest="evaluation", required=True)
     ppl = ev_sub.add_parser(
         "ppl",
@@ -277,6 +355,39 @@ def _add_eval(sub) -> None:
     )
     ppl.add_argument("--json", action="store_true", help="print JSON (table goes to stderr)")
     ppl.set_defaults(func=_eval_ppl, cmd_name="tq eval ppl")
+
+    from .eval_jsonl import add_arguments as add_jsonl_arguments
+    from .eval_kv import add_arguments as add_kv_arguments
+    from .eval_niah import add_arguments as add_niah_arguments
+
+    kv = ev_sub.add_parser(
+        "kv",
+        help="TurboQuant KV cache vs the fp16 cache: cosines, perplexity, top-1 agreement",
+        description="Compare TurboQuant KV cache settings with mlx-lm's dense cache on the "
+        "same text windows: per-layer K/V reconstruction cosine against the codebook's "
+        "expectation, attention-output cosine, perplexity and top-1 agreement with the "
+        "context held compressed (docs/kvcache.md).",
+    )
+    add_kv_arguments(kv)
+    kv.set_defaults(func=_eval_kv, cmd_name="tq eval kv")
+    niah = ev_sub.add_parser(
+        "niah",
+        help="needle in a haystack with the needle inside the compressed part of the cache",
+        description="Hide a secret code in filler text at several depths of the compressed "
+        "region (after the sinks, before the recent buffer), ask for it after the context is "
+        "compressed, and compare pass rates with the fp16 cache.",
+    )
+    add_niah_arguments(niah)
+    niah.set_defaults(func=_eval_niah, cmd_name="tq eval niah")
+    jsonl = ev_sub.add_parser(
+        "jsonl",
+        help="score a JSONL task file with the fp16 cache and each TurboQuant setting",
+        description='One JSON object per line: {"prompt", "answer", "match": '
+        '"exact"|"substring"} and optionally "context" (held in the compressed cache '
+        "before the prompt is read). Without FILE the shipped kv_tasks.jsonl is used.",
+    )
+    add_jsonl_arguments(jsonl)
+    jsonl.set_defaults(func=_eval_jsonl, cmd_name="tq eval jsonl")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,8 @@ class ExpertCache:
         self._bytes = 0
         self._lock = threading.RLock()
         self._prefetched: set[tuple[str, int]] = set()
+        #: ``fn(layer, indices)`` called with every routing decision (calibration counts).
+        self.observer = None
 
     @property
     def nbytes(self) -> int:

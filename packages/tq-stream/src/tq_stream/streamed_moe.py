@@ -107,12 +107,15 @@ class StreamedExperts(nn.Module):
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         # The router's choice must be known to read the experts: this is the one sync point
         # streaming adds per MoE layer.
-        flat = np.asarray(indices).reshape(-1)
+        routed = np.asarray(indices)
+        if self._cache.observer is not None:
+            self._cache.observer(self._layout.layer, routed)
+        flat = routed.reshape(-1)
         used = sorted(set(flat.tolist()))
         arrays = self._cache.get(self._layout, used)
         if self._prefetcher is not None:
             self._prefetcher.after(self._layout, used)
         renumber = np.zeros(self._layout.num_experts, dtype=flat.dtype)
         renumber[used] = np.arange(len(used), dtype=flat.dtype)
-        local = mx.array(renumber[np.asarray(indices)])
+        local = mx.array(renumber[routed])
         return self._compact(arrays)(x, local)
