@@ -172,3 +172,12 @@ def test_convert_use_qjl_round_trips_through_load(float_model, tmp_path, capsys)
     assert model.model.layers[0].mlp.up_proj.use_qjl
     logits = model(mx.array([[1, 5, 9]]))
     assert logits.shape == (1, 3, VOCAB) and mx.all(mx.isfinite(logits)).item()
+
+
+def test_convert_says_which_layers_the_group_size_leaves_float(float_model, tmp_path, capsys):
+    out = tmp_path / "g128"
+    code, _, err = run_tq(capsys, "convert", "--model", float_model, "--out", out,
+                          "--group-size", 128)  # fmt: skip
+    assert code == 0, err
+    # hidden size 64: every projection reading the residual stream stays float at gs 128
+    assert "stay in full precision: group size 128 does not divide their input size (64)" in err

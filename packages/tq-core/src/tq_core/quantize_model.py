@@ -18,6 +18,20 @@ def _weight_shape(module: nn.Module) -> tuple[int, ...]:
     return tuple(module.weight.shape)
 
 
+def undividable_layers(model: nn.Module, recipe: QuantRecipe) -> dict[str, int]:
+    """``{path: input size}`` of the leaves the recipe would quantize but cannot: the group
+    size (or rotation span) does not divide their input size. They stay in full precision."""
+    out = {}
+    for path, module in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+        kind = layer_kind(path, module)
+        if kind is None or is_kept(path, recipe) or recipe.bits_for(kind, path) == 0:
+            continue
+        in_dims = _weight_shape(module)[-1]
+        if in_dims % recipe.group_size or in_dims % (recipe.span or recipe.group_size):
+            out[path] = in_dims
+    return out
+
+
 def plan_layers(model: nn.Module, recipe: QuantRecipe) -> dict[str, dict]:
     """``{path: spec}`` for every leaf the recipe quantizes; spec holds kind, bits,
     group_size, span, seed and (with QJL) ``qjl: true``. Leaves whose input size the group

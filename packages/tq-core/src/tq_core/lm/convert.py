@@ -11,7 +11,7 @@ from mlx_lm.utils import _download, dequantize_model, load_config, load_model
 
 from ..checkpoint import quantization_block
 from ..checkpoint_writer import CheckpointWriter
-from ..quantize_model import plan_layers, quantize_layer
+from ..quantize_model import plan_layers, quantize_layer, undividable_layers
 from ..recipe import QuantRecipe
 
 #: HF quantization methods whose tensors mlx-lm reads and that are dequantized on the fly.
@@ -90,6 +90,17 @@ def convert(
     plan = plan_layers(model, recipe)
     if not plan:
         raise ValueError(f"{path}: the recipe quantizes no layer of this model")
+    skipped = undividable_layers(model, recipe)
+    if skipped and progress:
+        import sys
+
+        sizes = ", ".join(str(d) for d in sorted(set(skipped.values())))
+        print(
+            f"note: {len(skipped)} layers stay in full precision: group size "
+            f"{recipe.group_size} does not divide their input size ({sizes}); a smaller "
+            "--group-size quantizes them",
+            file=sys.stderr,
+        )
     config = dict(config)
     config["quantization"] = quantization_block(plan, recipe.to_dict())
     bar = None
