@@ -114,3 +114,31 @@ def test_reader_merges_adjacent_ranges(tmp_path):
     with pytest.raises(StreamError, match="truncated"):
         reader.read(f, 250, 10)
     reader.close()
+
+
+def test_prefetch_racing_a_read_keeps_one_copy(checkpoint):
+    import threading
+    import time
+
+    from tq_stream import ExpertCache, ExpertLoader
+
+    _, _, session = load_streaming(checkpoint, 1 << 30, tokenizer=False)
+    lay = session.layouts[0]
+    real = session.loader
+
+    class Slow(ExpertLoader):
+        def __init__(self):
+            pass
+
+        def load(self, layout, experts):
+            time.sleep(0.2)
+            return real.load(layout, experts)
+
+    cache = ExpertCache(Slow(), 1 << 30)
+    t = threading.Thread(target=cache.prefetch, args=(lay, [0]))
+    t.start()
+    time.sleep(0.05)
+    cache.get(lay, [0])
+    t.join()
+    assert cache.nbytes == lay.expert_nbytes
+    session.close()

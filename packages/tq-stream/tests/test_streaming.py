@@ -92,9 +92,7 @@ def test_prefetch_and_pinning_keep_outputs(tq_checkpoint, tmp_path):
     session.close()
 
 
-@pytest.mark.parametrize(
-    ("name", "dtype"), [("qwen3_moe", mx.float16), ("gpt_oss", mx.bfloat16)]
-)
+@pytest.mark.parametrize(("name", "dtype"), [("qwen3_moe", mx.float16), ("gpt_oss", mx.bfloat16)])
 def test_float_checkpoint_streams_bit_identically(name, dtype, tmp_path):
     path = save_float(name, tmp_path / "float", dtype=dtype)
     resident = build_model(json.loads((path / "config.json").read_text()))

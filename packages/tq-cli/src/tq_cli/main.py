@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     strm.add_argument("--keep", action="store_true", help="keep the built checkpoint")
     strm.add_argument("--json", action="store_true", help="print JSON (table goes to stderr)")
     strm.add_argument("--out", help="also write the JSON to this file")
-    strm.set_defaults(func=_bench_stream)
+    strm.set_defaults(func=_bench_stream, cmd_name="tq bench stream")
 
     _add_convert(sub)
     _add_generate(sub)

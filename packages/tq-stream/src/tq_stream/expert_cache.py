@@ -86,7 +86,12 @@ class ExpertCache:
             self.stats.stall_seconds += time.perf_counter() - t0
             with self._lock:
                 for e, arrays in loaded.items():
-                    self._insert((layout.layer, e), arrays)
+                    key = (layout.layer, e)
+                    if key in self._entries:  # a prefetch got there first: keep one copy
+                        loaded[e] = self._entries[key][0]
+                        self._entries.move_to_end(key)
+                    else:
+                        self._insert(key, arrays)
                 held.update(loaded)
                 self._evict(protect={(layout.layer, e) for e in experts})
         return [held[e] for e in experts]
