@@ -155,6 +155,8 @@ def integration(session: nox.Session) -> None:
             everything[pkg] = everything.get(pkg, frozenset()) | extras
     everything["tq-core"] |= {"lm"}
     _install_local(session, everything)
+    # The `tq serve` tests drive the server with the real OpenAI client.
+    session.install(_locked("openai"))
     _pytest(session, "tests")
 
 
