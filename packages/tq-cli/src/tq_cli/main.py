@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_eval(sub)
     _add_experts(sub)
+    _add_serve_and_chat(sub, bench_sub)
     return parser
 
 
@@ -194,6 +195,27 @@ def _add_experts(sub) -> None:
     rep.add_argument("--out", required=True, help="new checkpoint directory")
     rep.add_argument("--force", action="store_true", help="replace --out if it exists")
     rep.set_defaults(func=_repack, cmd_name="tq repack-experts")
+
+
+def _add_serve_and_chat(sub, bench_sub) -> None:
+    from . import serve_cmd
+
+    serve = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server (mlx_lm.server) on TurboQuant weights and caches",
+        description="Serve /v1/chat/completions, /v1/completions (streaming or not), "
+        "/v1/models and /health with mlx-lm's server on a TurboQuant model; --kv-* flags "
+        "make every KV cache a TurboQuant cache. Listens on loopback unless --host says "
+        "otherwise.",
+    )
+    serve_cmd.add_arguments(serve)
+    serve.set_defaults(func=_serve, cmd_name="tq serve")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from . import serve_cmd
+
+    return serve_cmd.run(args)
 
 
 def _calibrate(args: argparse.Namespace) -> int:
