@@ -26,6 +26,12 @@ from .quant_prod import PROD_BITS, ProdQuantized, dequantize_prod, inner_product
 from .quantize_model import apply_plan, plan_layers, quantize_model
 from .recipe import PRESETS, QuantRecipe, layer_kind, preset
 from .rotation import Rotation, make_rotation, rotate, unrotate
+from .sharded_linear import (
+    TurboQuantAllToShardedLinear,
+    TurboQuantShardedToAllLinear,
+    shard_inplace,
+    shard_linear,
+)
 from .switch_linear import TurboQuantSwitchLinear
 from .weights import (
     GROUP_SIZES,
@@ -52,6 +58,10 @@ __all__ = [
     "TurboQuantEmbedding",
     "TurboQuantLinear",
     "TurboQuantSwitchLinear",
+    "TurboQuantAllToShardedLinear",
+    "TurboQuantShardedToAllLinear",
+    "shard_inplace",
+    "shard_linear",
     "apply_plan",
     "dequantize_weight",
     "dequantize_weight_rotated",

@@ -57,6 +57,14 @@ class TurboQuantLinear(TurboQuantWeights):
 
     def __call__(self, x: mx.array) -> mx.array:
         dtype = compute_dtype(x)
+        y = self.product(x, dtype)
+        if "bias" in self:
+            y = y + self.bias.astype(dtype)
+        return y.astype(x.dtype)
+
+    def product(self, x: mx.array, dtype) -> mx.array:
+        """``W^ x`` in ``dtype``, without the bias (a row-parallel shard sums these partial
+        products across ranks before adding the bias once)."""
         y = self.fused_rotating_matmul(x, dtype)
         if y is None:
             x_rot, x_sketch = self.rotated_inputs(x, dtype)
@@ -65,6 +73,4 @@ class TurboQuantLinear(TurboQuantWeights):
             y = x_rot @ dequantize_weight_rotated(self.codes(), dtype=dtype).T
             if self.use_qjl:
                 y = y + x_sketch @ qjl_sketch_values(self.qjl(), dtype=dtype).T
-        if "bias" in self:
-            y = y + self.bias.astype(dtype)
-        return y.astype(x.dtype)
+        return y

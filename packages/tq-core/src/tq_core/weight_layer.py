@@ -192,7 +192,9 @@ class TurboQuantWeights(nn.Module):
     def rotated_inputs(self, x: mx.array, dtype) -> tuple[mx.array, mx.array | None]:
         """``(R x, S R x)`` in ``dtype``: the activation in the weights' rotated basis and,
         with QJL, in the sketch basis; shared with sibling layers that read the same ``x``."""
-        key = (self.input_dims, self.span, self.seed, dtype)
+        # A row-parallel shard rotates a slice of the full signs (see sharded_linear.py):
+        # its input slice joins the key so it never shares R x with an unsharded rotation.
+        key = (self.input_dims, self.span, self.seed, dtype, self.__dict__.get("input_slice"))
         entry = _rotation_memo.entries.get(key)
         if entry is not None and entry[0] is x:
             x_rot = entry[1]
@@ -202,7 +204,7 @@ class TurboQuantWeights(nn.Module):
             _rotation_memo.entries[key] = (x, x_rot)
         if not self.use_qjl:
             return x_rot, None
-        sketch_key = (self.input_dims, self.span, self.seed, "qjl")
+        sketch_key = (*key[:3], "qjl", key[4])
         return x_rot, rotate_shared(x_rot, self.sketch(), sketch_key)
 
     def _extra_repr(self) -> str:

@@ -229,6 +229,31 @@ class TurboQuantKVCache:
         return self.size() == 0
 
     @property
+    def keys(self) -> mx.array | None:
+        """One array of this cache's state (the newest fp16 keys, else the packed key codes),
+        or None when empty. mlx-lm's pipeline-parallel models chain a stage's send onto its
+        last layer's cache with ``cache.keys = mx.depends(cache.keys, h)``, so evaluating
+        the cache runs the send; this is the slot that makes that work here."""
+        slot = self._dependency_slot()
+        return None if slot is None else slot[0][slot[1]]
+
+    @keys.setter
+    def keys(self, value: mx.array) -> None:
+        slot = self._dependency_slot()
+        if slot is None:
+            raise ValueError("an empty TurboQuantKVCache has no keys to replace")
+        holder, name = slot
+        holder[name] = value
+
+    def _dependency_slot(self) -> tuple[dict, str] | None:
+        for name in ("_tail_k", "_sink_k"):
+            if self.__dict__.get(name) is not None:
+                return self.__dict__, name
+        for name in self._packed_k:
+            return self._packed_k, name
+        return None
+
+    @property
     def nbytes(self) -> int:
         total = sum(
             x.nbytes

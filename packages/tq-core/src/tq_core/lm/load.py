@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -37,11 +38,18 @@ def cast_dtype(model: nn.Module, dtype) -> None:
     model.update(tree_map_with_path(cast, model.parameters()))
 
 
-def load(path: str | os.PathLike, dtype=None, tokenizer: bool = True):
+def load(
+    path: str | os.PathLike,
+    dtype=None,
+    tokenizer: bool = True,
+    shard: Callable[[nn.Module], object] | None = None,
+):
     """``(model, tokenizer)`` from a TurboQuant checkpoint directory.
 
     ``dtype`` casts the float parameters (norms, unquantized layers); the default is float32
-    on the CPU, whose float16 matmuls are slow, and the stored dtype elsewhere.
+    on the CPU, whose float16 matmuls are slow, and the stored dtype elsewhere. ``shard``
+    (see :func:`tq_core.lm.sharded_load`) is called on the model while its weights are
+    still unread, so only what it keeps is ever read from disk.
     """
     path = Path(path)
     config, quant = read_quantization(path)
@@ -56,6 +64,9 @@ def load(path: str | os.PathLike, dtype=None, tokenizer: bool = True):
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise CheckpointError(f"{path}: weights do not match the model: {e}") from None
+    del weights
+    if shard is not None:
+        shard(model)
     if dtype is None and mx.default_device() == mx.cpu:
         dtype = mx.float32
     if dtype is not None:
