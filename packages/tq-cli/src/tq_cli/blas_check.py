@@ -71,4 +71,6 @@ def preload_openblas_and_reexec() -> None:
     env["LD_PRELOAD"] = ":".join(p for p in (OPENBLAS, os.environ.get("LD_PRELOAD")) if p)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    # sys.orig_argv keeps `-m tq_cli`: re-running sys.argv[0] (tq_cli/__main__.py) as a
+    # script would break its relative imports.
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
