@@ -211,6 +211,23 @@ def _add_serve_and_chat(sub, bench_sub) -> None:
     serve_cmd.add_arguments(serve)
     serve.set_defaults(func=_serve, cmd_name="tq serve")
 
+    from . import chat_cmd
+
+    chat = sub.add_parser(
+        "chat",
+        help="interactive chat: streamed replies, tok/s and KV cache size after each",
+        description="Chat with a TurboQuant model; the KV cache (TurboQuant K4V3 unless "
+        "--kv-* flags say otherwise) is kept across turns. /help, /reset, /quit.",
+    )
+    chat_cmd.add_arguments(chat)
+    chat.set_defaults(func=_chat, cmd_name="tq chat")
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from . import chat_cmd
+
+    return chat_cmd.run(args)
+
 
 def _serve(args: argparse.Namespace) -> int:
     from . import serve_cmd
