@@ -222,6 +222,23 @@ def _add_serve_and_chat(sub, bench_sub) -> None:
     chat_cmd.add_arguments(chat)
     chat.set_defaults(func=_chat, cmd_name="tq chat")
 
+    from . import bench_generate
+
+    gen = bench_sub.add_parser(
+        "generate",
+        help="fp16 vs mlx-lm 4-bit vs TurboQuant KV cache over context lengths (--plot)",
+        description="Prefill and decode tok/s, peak memory and cache bytes of three KV "
+        "caches side by side at each context length; warmup, then the median of --repeats.",
+    )
+    bench_generate.add_arguments(gen)
+    gen.set_defaults(func=_bench_generate, cmd_name="tq bench generate")
+
+
+def _bench_generate(args: argparse.Namespace) -> int:
+    from . import bench_generate
+
+    return bench_generate.run(args)
+
 
 def _chat(args: argparse.Namespace) -> int:
     from . import chat_cmd
