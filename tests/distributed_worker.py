@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +26,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--prompt", required=True, help="comma-separated token ids")
     p.add_argument("--max-tokens", type=int, default=12)
     p.add_argument("--kv-bits", type=float, default=0, help="0: mlx-lm's fp16 cache")
+    p.add_argument("--die-rank", type=int, help="this rank exits (status 3) after loading")
     return p.parse_args()
 
 
@@ -58,6 +61,9 @@ def main() -> None:
         rank, size = group.rank(), group.size()
         groups = {"tensor_group": group} if args.mode == "tensor" else {"pipeline_group": group}
         model, _ = sharded_load(args.checkpoint, tokenizer=False, **groups)
+    if args.die_rank == rank:
+        print(f"rank {rank} exits on purpose", file=sys.stderr, flush=True)
+        os._exit(3)
     param_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
     logits = model(prompt[None])[0]

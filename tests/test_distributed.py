@@ -64,6 +64,18 @@ CONFIGS = {
 RECIPE = QuantRecipe(bits=3, group_size=32, span=64, attn_bits=4)
 
 
+def _save_tokenizer(path: Path) -> None:
+    """A word-level tokenizer over ``w2 .. w255`` (no download), for the CLI runs."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, 256)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+    fast.save_pretrained(str(path))
+
+
 def _save_float_model(name: str, path: Path) -> None:
     """A deterministic random float32 mlx-lm model saved as a model directory."""
     config = dict(CONFIGS[name])
@@ -79,6 +91,7 @@ def _save_float_model(name: str, path: Path) -> None:
     path.mkdir(parents=True)
     mx.save_safetensors(str(path / "model.safetensors"), params)
     (path / "config.json").write_text(json.dumps(config))
+    _save_tokenizer(path)
 
 
 @cache
@@ -207,3 +220,69 @@ def test_sharded_run_equals_one_process(ring, workdir, name, mode, ranks, kv_bit
         # Pipeline: the layers, and the cache, are split between the ranks.
         assert sum(r["kv_bytes"] for r in results) == pytest.approx(ref["kv_bytes"], rel=0.02)
         assert max(r["kv_bytes"] for r in results) < ref["kv_bytes"]
+
+
+def _tq(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tq_cli", *args]
+
+
+def _generate_args(checkpoint: Path, stats: Path, *extra: str) -> list[str]:
+    prompt = " ".join(f"w{t}" for t in PROMPT.split(","))
+    return [
+        "generate", "--model", str(checkpoint), "--prompt", prompt, "--max-tokens", "10",
+        "--min-tokens", "10", "--temp", "0", "--stats-json", str(stats),
+        "--kv-bits", "3", "--kv-sink", "4", "--kv-buffer", "4", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "mode"), [("llama", "tensor"), ("qwen3_moe", "pipeline")])
+def test_tq_generate_distributed_prints_the_single_process_text(ring, workdir, name, mode):
+    checkpoint = _checkpoint(name, str(workdir))
+    single = subprocess.run(
+        _tq(*_generate_args(checkpoint, workdir / f"cli-{name}-single.json")),
+        capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=_env(),
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr[-2000:]
+    stats = workdir / f"cli-{name}-{mode}-{{rank}}.json"
+    launched = subprocess.run(
+        [*_launcher(), "--backend", "ring", "-n", "2", "--python", sys.executable,
+         "-m", "tq_cli", *_generate_args(checkpoint, stats, "--distributed", mode)],
+        capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=_env(), cwd=ROOT,
+    )  # fmt: skip
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    words = single.stdout.split()
+    assert len(words) == 10
+    # Rank 0 alone prints the text; the greedy tokens are the single process's.
+    assert launched.stdout.split() == words
+    assert "rank 1 of 2" in launched.stderr
+    per_rank = [json.loads((workdir / f"cli-{name}-{mode}-{r}.json").read_text()) for r in (0, 1)]
+    assert [s["distributed"]["rank"] for s in per_rank] == [0, 1]
+    assert all(s["generation_tokens"] == 10 for s in per_rank)
+
+
+def test_a_wrong_host_list_ends_with_a_clear_error_in_bounded_time(workdir):
+    # A hostfile naming two ranks where only rank 0 is ever started: the ring waits for its
+    # peer forever unless the watchdog ends it.
+    hostfile = workdir / "hosts.json"
+    hostfile.write_text(json.dumps([["127.0.0.1:47311"], ["127.0.0.1:47312"]]))
+    env = _env() | {"MLX_HOSTFILE": str(hostfile), "MLX_RANK": "0"}
+    args = _generate_args(_checkpoint("llama", str(workdir)), workdir / "never.json")
+    proc = subprocess.run(
+        _tq(*args, "--distributed", "--dist-backend", "ring", "--dist-timeout", "3"),
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert proc.returncode == -15  # SIGTERM from the watchdog
+    assert "no progress for 3 s while waiting for the other ranks to join" in proc.stderr
+    assert "host list" in proc.stderr
+
+
+def test_a_rank_that_dies_ends_every_rank(ring, workdir):
+    checkpoint = _checkpoint("llama", str(workdir))
+    out = workdir / "dies"
+    cmd = [*_launcher(), "--backend", "ring", "-n", "2", "--python", sys.executable,
+           str(WORKER), "--checkpoint", str(checkpoint), "--out", str(out), "--mode", "tensor",
+           "--prompt", PROMPT, "--die-rank", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=_env())
+    assert proc.returncode != 0 or "exited with code" in proc.stderr
+    assert "rank 1 exits on purpose" in proc.stderr
+    assert not list(out.glob("rank*.json"))  # rank 0 never finished its generation

@@ -7,9 +7,16 @@ default model (SmolLM2-135M-Instruct, see default_model.py) is used.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
+from .distributed_options import (
+    check_distributed_arguments,
+    finish_together,
+    load_distributed,
+    stats_path,
+)
 from .kv_options import cache_report, make_kv_cache
 from .main import CommandError
 from .stream_options import check_stream_arguments, load_streamed, print_report, write_stats
@@ -167,27 +174,49 @@ def run(args) -> int:
 
     _check_args(args)
     check_stream_arguments(args)
+    check_distributed_arguments(args)
+    if args.distributed:
+        _check_distributed_model(args.model)
     path = resolve_tq_model(args.model, args.preset)
     mx.reset_peak_memory()  # a conversion just made does not count; loading does, as in mlx-lm
-    session = None
-    if args.stream_experts:
+    session = dist = None
+    if args.distributed:
+        model, tokenizer, *dist = load_distributed(path, args)
+    elif args.stream_experts:
         model, tokenizer, session = load_streamed(path, args)
     else:
         model, tokenizer = load_tq(path)
     try:
-        return _run_loaded(args, model, tokenizer, session)
+        return _run_loaded(args, model, tokenizer, session, dist)
     finally:
         if session is not None:
             session.close()
 
 
-def _run_loaded(args, model, tokenizer, session) -> int:
+def _check_distributed_model(model: str | None) -> None:
+    """Every rank would convert a float model at once into one cache folder: refuse."""
+    from .default_model import is_tq_checkpoint
+
+    if model is None or not Path(model).expanduser().is_dir():
+        raise CommandError("--distributed needs --model DIR, a TurboQuant checkpoint on every host")
+    if not is_tq_checkpoint(Path(model).expanduser()):
+        raise CommandError(
+            f"{model} is not a TurboQuant checkpoint; convert it once with `tq convert` "
+            "before running it over several ranks"
+        )
+
+
+def _run_loaded(args, model, tokenizer, session, dist=None) -> int:
     import mlx.core as mx
     from mlx_lm.sample_utils import make_sampler
 
     if args.seed is not None:
         mx.random.seed(args.seed)
     sampler = make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k)
+    group, watchdog = dist if dist else (None, None)
+    rank = group.rank() if group is not None else 0
+    if watchdog is not None:
+        sampler = _kicking(sampler, watchdog)
     use_template = not args.no_chat_template and tokenizer.has_chat_template
     system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
     if args.chat:
@@ -199,8 +228,17 @@ def _run_loaded(args, model, tokenizer, session) -> int:
     if not ids:
         raise CommandError("the prompt is empty")
     kv_cache = make_kv_cache(model, args)
-    text, last = stream_reply(model, tokenizer, ids, args, sampler, prompt_cache=kv_cache)
-    print(flush=True)
+    # Every rank computes the same tokens; rank 0 alone prints them.
+    out = open(os.devnull, "w") if rank else None  # noqa: SIM115 (closed at exit)
+    if watchdog is not None:
+        watchdog.kick("generating (waiting on the other ranks' share of a token)")
+    text, last = stream_reply(model, tokenizer, ids, args, sampler, out, prompt_cache=kv_cache)
+    if group is not None:
+        finish_together(group, watchdog)
+    if not rank:
+        print(flush=True)
+    if group is not None:
+        print(f"tq: rank {rank} of {group.size()}:", file=sys.stderr)
     if not text:
         print(
             "(no text generated: the model ended at once; --min-tokens N forbids that)",
@@ -220,9 +258,23 @@ def _run_loaded(args, model, tokenizer, session) -> int:
         stats["kv_cache"] = cache_report(kv_cache)
     if session is not None:
         stats["experts"] = print_report(session, last.prompt_tokens + last.generation_tokens)
-    if args.stats_json:
-        write_stats(args.stats_json, stats)
+    stats_file = args.stats_json
+    if group is not None:
+        stats["distributed"] = {"mode": args.distributed, "rank": rank, "size": group.size()}
+        stats_file = stats_path(args.stats_json, rank, group.size())
+    if stats_file:
+        write_stats(stats_file, stats)
     return 0
+
+
+def _kicking(sampler, watchdog):
+    """``sampler`` that restarts the watchdog's clock: mlx-lm samples once per token."""
+
+    def sample(logprobs):
+        watchdog.kick()
+        return sampler(logprobs)
+
+    return sample
 
 
 def chat(model, tokenizer, args, sampler, use_template: bool, system: list[dict]) -> int:

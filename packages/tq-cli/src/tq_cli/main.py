@@ -156,12 +156,62 @@ def build_parser() -> argparse.ArgumentParser:
     strm.add_argument("--out", help="also write the JSON to this file")
     strm.set_defaults(func=_bench_stream, cmd_name="tq bench stream")
 
+    _add_bench_kv(bench_sub)
     _add_convert(sub)
     _add_generate(sub)
     _add_eval(sub)
     _add_experts(sub)
     _add_serve_and_chat(sub, bench_sub)
     return parser
+
+
+def _add_bench_kv(bench_sub) -> None:
+    kv = bench_sub.add_parser(
+        "kv", help="decode attention over TurboQuant caches vs fp16 and mlx-lm 4-bit (GPU)"
+    )
+    kv.add_argument("--contexts", type=_int_list, default=[8192, 32768, 131072])
+    kv.add_argument("--settings", default="K4V3,K3V2", help="K<b>V<b>[-prod][-ref],...")
+    kv.add_argument("--heads", type=int, default=32, help="query heads of the attention layer")
+    kv.add_argument("--kv-heads", type=int, default=8)
+    kv.add_argument("--head-dim", type=int, default=128)
+    kv.add_argument("--calls", type=int, default=20, help="decode steps chained per eval")
+    kv.add_argument("--repeats", type=int, default=3)
+    kv.add_argument("--model", help="also run a whole model (config dir) at --model-contexts")
+    kv.add_argument("--model-contexts", type=_int_list, default=[8192, 32768])
+    kv.add_argument("--decode-tokens", type=int, default=32)
+    kv.add_argument("--no-attention", action="store_true", help="only the whole-model part")
+    kv.add_argument("--json", action="store_true", help="print JSON (tables go to stderr)")
+    kv.add_argument("--out", help="also write the JSON to this file")
+    kv.set_defaults(func=_bench_kv)
+
+
+def _bench_kv(args: argparse.Namespace) -> int:
+    from . import bench_kv
+
+    if args.calls < 1 or args.repeats < 1 or min(args.contexts) < 1:
+        raise SystemExit("tq bench kv: --calls, --repeats and --contexts must be at least 1")
+    if args.heads % args.kv_heads:
+        raise SystemExit(f"tq bench kv: --heads {args.heads} is not a multiple of --kv-heads")
+    try:
+        settings = bench_kv.parse_settings(args.settings)
+    except Exception as e:  # CommandError from the settings parser
+        raise SystemExit(f"tq bench kv: {e}") from None
+    result = {"benchmark": "kv", "settings": [s["name"] for s in settings]}
+    if not args.no_attention:
+        result["attention"] = bench_kv.attention_rows(
+            args.contexts, settings, args.heads, args.kv_heads, args.head_dim,
+            args.calls, args.repeats,
+        )
+    if args.model:
+        model = bench_kv._random_model(args.model)
+        result["model"] = bench_kv.model_rows(
+            model, args.model_contexts, settings, args.decode_tokens, args.repeats,
+            progress=lambda m: print(f"tq bench kv: {m}", file=sys.stderr, flush=True),
+        )
+    print(bench_kv.render(result), file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        _emit_json(result, args.out)
+    return 0
 
 
 def _bench_stream(args: argparse.Namespace) -> int:
@@ -352,11 +402,13 @@ def _add_generate(sub) -> None:
         help="forbid end-of-sequence for the first N generated tokens",
     )
     gen.add_argument("--verbose", action="store_true", help="speed stats after each chat reply")
+    from .distributed_options import add_distributed_arguments
     from .kv_options import add_kv_arguments
     from .stream_options import add_stream_arguments
 
     add_kv_arguments(gen)
     add_stream_arguments(gen)
+    add_distributed_arguments(gen)
     gen.set_defaults(func=_generate, cmd_name="tq generate")
 
 
