@@ -61,11 +61,17 @@ def test_replot_from_json(capsys, tmp_path):
         "rows": [{"context": c, "cache": "fp16", "prefill_tps": 1.0, "decode_tps": 2.0,
                   "peak_memory_bytes": 10, "cache_bytes": 5} for c in (1024, 2048)],
     }  # fmt: skip
-    src, png = tmp_path / "r.json", tmp_path / "r.png"
+    src, png, out_json = tmp_path / "r.json", tmp_path / "r.png", tmp_path / "all.json"
     src.write_text(json.dumps(result))
-    code, out, err = run_tq(capsys, "bench", "generate", "--from-json", src, "--plot", png)
+    longer = dict(result, rows=[dict(result["rows"][0], context=131072)], skipped_contexts=[])
+    (tmp_path / "r2.json").write_text(json.dumps(longer))
+    code, out, err = run_tq(
+        capsys, "bench", "generate", "--from-json", f"{src},{tmp_path / 'r2.json'}",
+        "--plot", png, "--out", out_json,
+    )  # fmt: skip
     assert code == 0, err
-    assert "2048" in out and png.stat().st_size > 1000
+    assert "2048" in out and "131072" in out and png.stat().st_size > 1000
+    assert json.loads(out_json.read_text())["contexts"] == [1024, 2048, 131072]
 
 
 def test_missing_matplotlib_is_a_clear_error(capsys, tmp_path, monkeypatch):

@@ -70,7 +70,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", help="also write the JSON here (rewritten after every cell)")
     parser.add_argument("--plot", metavar="FILE.png", help="plot tok/s and memory vs context")
     parser.add_argument(
-        "--from-json", metavar="FILE", help="do not run: read a result JSON (to --plot it)"
+        "--from-json",
+        metavar="FILE[,FILE...]",
+        help="do not run: read result JSONs (rows of several runs merged) to --plot them",
     )
     add_kv_arguments(parser)
 
@@ -372,6 +374,30 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
+def read_results(paths: list[str]) -> dict:
+    """One result from one or more result JSONs (runs split over several commands): the
+    first file's settings, every file's rows."""
+    results = []
+    for path in paths:
+        try:
+            result = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CommandError(f"{path}: cannot read the result JSON ({e})") from None
+        if not isinstance(result, dict) or result.get("benchmark") != "generate":
+            raise CommandError(f"{path}: not a tq bench generate result")
+        results.append(result)
+    merged = dict(results[0])
+    merged["rows"] = [row for r in results for row in r.get("rows", [])]
+    merged["contexts"] = sorted({row["context"] for row in merged["rows"]})
+    merged["skipped_contexts"] = sorted(
+        {c for r in results for c in r.get("skipped_contexts", [])} - set(merged["contexts"])
+    )
+    merged["caches"] = {k: v for r in results for k, v in r.get("caches", {}).items()}
+    if len(results) > 1:
+        merged["merged_from"] = paths
+    return merged
+
+
 def _short(tokens: int) -> str:
     return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
 
@@ -380,12 +406,7 @@ def run(args) -> int:
     from .atomic_write import write_text_atomic
 
     if args.from_json:
-        try:
-            result = json.loads(Path(args.from_json).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CommandError(f"{args.from_json}: cannot read the result JSON ({e})") from None
-        if result.get("benchmark") != "generate":
-            raise CommandError(f"{args.from_json}: not a tq bench generate result")
+        result = read_results(args.from_json.split(","))
     else:
         _check_args(args)
         result = benchmark(args)
