@@ -1,5 +1,6 @@
 """tq-kernels: fused TurboQuant kernels for MLX (Metal and CUDA), registered into tq-core."""
 
+from .attention import KeyPart, ValuePart, packed_kv_attention
 from .backend import kernel_backend
 from .launch import LaunchConfig, launch_config
 from .matvec import dequantize, gather_matvec, matvec, pack_sign_bits, rotating_matvec
@@ -11,7 +12,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "OPS",
+    "KeyPart",
     "LaunchConfig",
+    "ValuePart",
     "__version__",
     "dequantize",
     "gather_matvec",
@@ -20,6 +23,7 @@ __all__ = [
     "launch_config",
     "matvec",
     "pack_sign_bits",
+    "packed_kv_attention",
     "register_all",
     "rotating_matvec",
     "rotating_weight_matmul",

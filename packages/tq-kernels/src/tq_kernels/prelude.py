@@ -8,6 +8,8 @@ vocabulary, so one text compiles with ``mx.fast.cuda_kernel`` and ``mx.fast.meta
   arrays), ``tq_uint``;
 - ``tq_simd_sum(v)``: sum over the 32 lanes of a warp / SIMD group (both are 32 wide);
   ``tq_shuffle_xor(v, mask)``: the value of lane ``lane ^ mask``;
+- ``tq_simd_max(v)``, ``tq_fmax(a, b)``, ``tq_exp(v)`` (fast exp), ``TQ_NEG_INF``, and
+  ``TQ_TGPTR``, the address space of a pointer into threadgroup memory (empty on CUDA);
 - ``tq_float(v)`` / ``tq_cast<T>(v)``: conversions to and from float;
 - ``tq_load_x8(dst, p)``: 8 activations as floats; ``tq_load_words<NB>(dst, p)``: NB packed
   words. CUDA uses 16-byte vector loads (rows are multiples of 32 values, so these are
@@ -41,6 +43,19 @@ TQ_INLINE float tq_simd_sum(float v) {
 
 TQ_INLINE float tq_shuffle_xor(float v, int mask) {
   return __shfl_xor_sync(0xffffffffu, v, mask);
+}
+
+#define TQ_TGPTR
+#define TQ_NEG_INF (-__int_as_float(0x7f800000))
+TQ_INLINE float tq_fmax(float a, float b) { return fmaxf(a, b); }
+TQ_INLINE float tq_exp(float v) { return __expf(v); }
+TQ_INLINE float tq_simd_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 16));
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 8));
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 4));
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return v;
 }
 
 template <typename V> TQ_INLINE float tq_float(V v) { return static_cast<float>(v); }
@@ -104,6 +119,12 @@ typedef uint tq_uint;
 
 inline float tq_simd_sum(float v) { return simd_sum(v); }
 inline float tq_shuffle_xor(float v, int mask) { return simd_shuffle_xor(v, (ushort)mask); }
+
+#define TQ_TGPTR threadgroup
+#define TQ_NEG_INF (-INFINITY)
+inline float tq_fmax(float a, float b) { return metal::max(a, b); }
+inline float tq_exp(float v) { return metal::fast::exp(v); }
+inline float tq_simd_max(float v) { return simd_max(v); }
 
 template <typename V> inline float tq_float(V v) { return static_cast<float>(v); }
 template <typename T> inline T tq_cast(float v) { return static_cast<T>(v); }

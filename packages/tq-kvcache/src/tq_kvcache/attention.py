@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-__all__ = ["packed_attention", "cache_attention"]
+__all__ = ["packed_attention", "cache_attention", "reference_cache_attention"]
 
 
 def _grouped(x: mx.array, kv_heads: int) -> mx.array:
@@ -105,5 +105,16 @@ def packed_attention(
 
 
 def cache_attention(queries, cache, scale: float, mask=None, sinks=None) -> mx.array:
-    """:func:`packed_attention` over a :class:`TurboQuantKVCache`."""
+    """Attention over a :class:`TurboQuantKVCache`: the fused GPU kernels where they apply
+    (:mod:`tq_kvcache.fused_attention`), else :func:`packed_attention`."""
+    from .fused_attention import fused_cache_attention
+
+    out = fused_cache_attention(queries, cache, scale, mask, sinks)
+    if out is not None:
+        return out
+    return reference_cache_attention(queries, cache, scale, mask, sinks)
+
+
+def reference_cache_attention(queries, cache, scale: float, mask=None, sinks=None) -> mx.array:
+    """:func:`packed_attention` over a :class:`TurboQuantKVCache` (the reference path)."""
     return packed_attention(queries, cache.segments(), cache.codecs, scale, mask, sinks)

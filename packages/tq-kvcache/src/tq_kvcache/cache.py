@@ -89,6 +89,8 @@ class TurboQuantKVCache:
         self._packed_k: dict[str, mx.array] = {}
         self._packed_v: dict[str, mx.array] = {}
         self._n_packed = 0
+        self._packed_version = 0  # bumped on every change of the packed codes
+        self._decoded = None  # (version, dtype, keys, values): lazy dequantized packed tokens
         self._k_codec: KVCodec | None = None
         self._v_codec: KVCodec | None = None
         self._shape: tuple[int, int, int, int] | None = None  # (B, H, Dk, Dv)
@@ -147,7 +149,7 @@ class TurboQuantKVCache:
             self._build_codecs(keys, values)
         self._flush()
         self._append(keys, values)
-        return self._full_kv(keys.dtype)
+        return self._full_kv(keys.dtype, decode=keys.shape[2] <= DECODE_MAX_QUERIES)
 
     def _append(self, keys: mx.array, values: mx.array):
         n = keys.shape[2]
@@ -187,6 +189,7 @@ class TurboQuantKVCache:
             for name, arr in codes.items():
                 store[name][:, :, start : start + n] = arr
         self._n_packed = start + n
+        self._packed_version += 1
 
     def compress(self):
         """Compress everything beyond the sinks and ``buffer`` now (conversion, eviction)."""
@@ -201,13 +204,26 @@ class TurboQuantKVCache:
             {k: a[:, :, :n] for k, a in self._packed_v.items()},
         )
 
-    def _full_kv(self, dtype):
+    def _full_kv(self, dtype, decode: bool = False):
+        """Every token's keys and values, the packed ones dequantized, as lazy arrays. In
+        decode the dequantized part is built once per change of the packed codes and reused:
+        attention through the hook never evaluates it, so the per-token cost is two
+        concatenations instead of a dequantization graph per layer."""
         keys = self._sink_k
         values = self._sink_v
         if self._n_packed:
-            k_codes, v_codes = self.packed_codes()
-            keys = _cat(keys, self._k_codec.decode(k_codes).astype(dtype))
-            values = _cat(values, self._v_codec.decode(v_codes).astype(dtype))
+            hit = self._decoded
+            if hit is not None and hit[0] == self._packed_version and hit[1] == dtype:
+                dk, dv = hit[2], hit[3]
+            else:
+                k_codes, v_codes = self.packed_codes()
+                dk = self._k_codec.decode(k_codes).astype(dtype)
+                dv = self._v_codec.decode(v_codes).astype(dtype)
+            # Kept only for decode: a prefill chunk evaluates it, and a kept evaluated copy
+            # would hold the packed tokens in fp16.
+            self._decoded = (self._packed_version, dtype, dk, dv) if decode else None
+            keys = _cat(keys, dk)
+            values = _cat(values, dv)
         return _cat(keys, self._tail_k), _cat(values, self._tail_v)
 
     def segments(self):
@@ -288,6 +304,7 @@ class TurboQuantKVCache:
             if attr == "_packed":
                 take = min(n, self._n_packed)
                 self._n_packed -= take
+                self._packed_version += 1
             else:
                 k = getattr(self, attr + "_k")
                 take = min(n, _length(k))

@@ -55,6 +55,7 @@ class TurboQuantRotatingKVCache(TurboQuantKVCache):
                 for name, arr in store.items():
                     store[name] = arr[:, :, take : self._n_packed]
             self._n_packed -= take
+            self._packed_version += 1
             n -= take
         take = min(n, _length(self._tail_k))
         if take:

@@ -1,0 +1,295 @@
+"""`tq bench kv`: decode attention over a TurboQuant cache against fp16 and mlx-lm's 4-bit cache.
+
+Two parts, each side by side in one run:
+
+- ``attention``: one decode step of one attention layer (default 32 query heads over 8 KV
+  heads of 128, batch 1) at each context length: ``mx.fast.scaled_dot_product_attention``
+  over fp16 keys/values, mlx-lm's ``quantized_scaled_dot_product_attention`` over its 4-bit
+  cache (group 64), and TurboQuant caches (fused kernels; ``-ref``: the reference path).
+  One eval has a fixed cost (~110 us on the H100), so each timing chains ``calls`` steps over
+  enough cache copies that they do not sit in L2, and divides; after a warmup, the median of
+  ``repeats`` evals. Cache bytes are what each cache holds for the context.
+- ``model`` (with ``--model DIR``): a whole model (``--random-weights``: the config's shapes,
+  random fp16 weights) prefilled to each context with each cache (chunks of 2048 tokens):
+  peak memory during prefill (``mx.get_peak_memory``), cache bytes, and decode tokens/s.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from .table import format_table
+
+DEFAULT_CONTEXTS = (8192, 32768, 131072)
+DEFAULT_SETTINGS = ("K4V3", "K3V2")
+_MIN_BYTES_IN_FLIGHT = 256 * 2**20
+_PREFILL_STEP = 2048
+
+
+def parse_settings(text: str, sink: int = 128, buffer: int = 128) -> list[dict]:
+    """``K4V3,K3.5V3.5,K3V2-prod,K4V3-ref`` -> cache knobs; ``-ref`` runs the reference
+    attention instead of the fused kernels. Bad syntax -> CommandError."""
+    from .eval_kv import parse_settings as parse_eval_settings
+
+    out = []
+    for item in (s.strip() for s in text.split(",") if s.strip()):
+        ref = item.lower().endswith("-ref")
+        (setting,) = parse_eval_settings(item[:-4] if ref else item)
+        out.append({"name": item, "knobs": setting.knobs(sink, buffer), "reference": ref})
+    return out
+
+
+def _time_per_call(make_outputs, calls: int, repeats: int) -> float:
+    mx.eval(make_outputs(min(calls, 2)))
+    times = []
+    for _ in range(repeats + 1):
+        outs = make_outputs(calls)
+        mx.synchronize()
+        t0 = time.perf_counter()
+        mx.eval(outs)
+        mx.synchronize()
+        times.append((time.perf_counter() - t0) / calls)
+    return statistics.median(times[1:])
+
+
+def _copies(nbytes: int, calls: int) -> int:
+    return max(1, min(calls, -(-_MIN_BYTES_IN_FLIGHT // max(nbytes, 1))))
+
+
+def _tq_cache(keys, values, knobs):
+    from tq_kvcache import TurboQuantKVCache
+
+    cache = TurboQuantKVCache(**knobs)
+    cache.update_and_fetch(keys, values)
+    cache.compress()
+    mx.eval(cache.state)
+    return cache
+
+
+def _per_step(step, copies: list, calls: int, repeats: int) -> float:
+    """Seconds per ``step(copy)``, cycling over ``copies`` (so they do not sit in L2)."""
+    return _time_per_call(
+        lambda c: [step(copies[i % len(copies)]) for i in range(c)], calls, repeats
+    )
+
+
+def _context_rows(T, settings, heads, kv_heads, head_dim, calls, repeats) -> list[dict]:
+    from mlx_lm.models.base import quantized_scaled_dot_product_attention
+    from tq_kvcache.attention import cache_attention, reference_cache_attention
+    from tq_kvcache.fused_attention import fused_attention_enabled
+
+    scale = head_dim**-0.5
+    mx.random.seed(T)
+    q = mx.random.normal((1, heads, 1, head_dim)).astype(mx.float16)
+    k = mx.random.normal((1, kv_heads, T, head_dim)).astype(mx.float16)
+    v = mx.random.normal((1, kv_heads, T, head_dim)).astype(mx.float16)
+    mx.eval(q, k, v)
+    rows = []
+
+    dense = k.nbytes + v.nbytes
+    kv = [(k, v)] + [(k + 0, v + 0) for _ in range(_copies(dense, calls) - 1)]
+    mx.eval(kv)
+    sec = _per_step(
+        lambda c: mx.fast.scaled_dot_product_attention(q, *c, scale=scale), kv, calls, repeats
+    )
+    rows.append(("fp16", sec, dense))
+    del kv
+
+    qk, qv = mx.quantize(k, group_size=64, bits=4), mx.quantize(v, group_size=64, bits=4)
+    qbytes = sum(a.nbytes for a in (*qk, *qv))
+    qs = [(qk, qv)] + [
+        (tuple(a + 0 for a in qk), tuple(a + 0 for a in qv))
+        for _ in range(_copies(qbytes, calls) - 1)
+    ]
+    mx.eval(qs)
+    sec = _per_step(
+        lambda c: quantized_scaled_dot_product_attention(
+            q, *c, scale=scale, mask=None, group_size=64, bits=4
+        ),
+        qs,
+        calls,
+        repeats,
+    )
+    rows.append(("mlx-lm-4bit", sec, qbytes))
+    del qs
+
+    for s in settings:
+        first = _tq_cache(k, v, s["knobs"])
+        caches = [first] + [
+            _tq_cache(k, v, s["knobs"]) for _ in range(_copies(first.nbytes, calls) - 1)
+        ]
+        attend = reference_cache_attention if s["reference"] else cache_attention
+        n = max(2, calls // 4) if s["reference"] else calls
+        sec = _per_step(lambda c, f=attend: f(q, c, scale), caches, n, repeats)
+        if not s["reference"] and not fused_attention_enabled():
+            raise RuntimeError("the fused KV attention kernels did not run (see the warning)")
+        rows.append((s["name"], sec, first.nbytes))
+        del caches
+    fp16, mlx4 = rows[0][1], rows[1][1]
+    return [
+        {
+            "context": T,
+            "kind": kind,
+            "us_per_call": sec * 1e6,
+            "cache_bytes": nbytes,
+            "speedup_vs_fp16": fp16 / sec,
+            "speedup_vs_mlx4": mlx4 / sec,
+            "compression_vs_fp16": dense / nbytes,
+        }
+        for kind, sec, nbytes in rows
+    ]
+
+
+def attention_rows(contexts, settings, heads=32, kv_heads=8, head_dim=128, calls=20, repeats=3):
+    """Per context: fp16, mlx-lm 4-bit and each TurboQuant setting, one decode step."""
+    rows = []
+    for T in contexts:
+        rows += _context_rows(T, settings, heads, kv_heads, head_dim, calls, repeats)
+    return rows
+
+
+def _random_model(model_dir: str):
+    from mlx.utils import tree_map
+    from mlx_lm.utils import load_config
+    from tq_core.lm.load import build_model
+
+    mx.random.seed(0)
+    model = build_model(load_config(Path(model_dir)))
+    model.update(
+        tree_map(
+            lambda p: (0.02 * mx.random.normal(p.shape)).astype(mx.float16), model.parameters()
+        )
+    )
+    mx.eval(model.parameters())
+    return model
+
+
+def _make_cache(model, kind: str, setting: dict | None):
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache
+
+    layers = len(model.layers)
+    if kind == "fp16":
+        return [KVCache() for _ in range(layers)]
+    if kind == "mlx-lm-4bit":
+        return [QuantizedKVCache(group_size=64, bits=4) for _ in range(layers)]
+    from tq_kvcache import install_attention_hook, make_turboquant_cache
+
+    install_attention_hook(model)
+    return make_turboquant_cache(model, **setting["knobs"])
+
+
+def _cache_bytes(cache) -> int:
+    return sum(c.nbytes for c in cache)
+
+
+def model_rows(model, contexts, settings, decode_tokens=32, repeats=3, progress=None):
+    """Prefill each context with each cache, then decode: peak memory, bytes, tokens/s."""
+    rows = []
+    kinds = [("fp16", None), ("mlx-lm-4bit", None)] + [(s["name"], s) for s in settings]
+    vocab = model.args.vocab_size if hasattr(model, "args") else 32000
+    for T in contexts:
+        prompt = mx.random.randint(0, vocab, (T,), key=mx.random.key(T))
+        for kind, setting in kinds:
+            if progress:
+                progress(f"{kind} @ {T} tokens: prefill")
+            try:
+                cache = _make_cache(model, kind, setting)
+                mx.synchronize()
+                mx.clear_cache()
+                mx.reset_peak_memory()
+                base = mx.get_active_memory()
+                t0 = time.perf_counter()
+                for i in range(0, T, _PREFILL_STEP):
+                    logits = model(prompt[None, i : i + _PREFILL_STEP], cache=cache)
+                    mx.eval(logits, [c.state for c in cache])
+                prefill_s = time.perf_counter() - t0
+                peak = mx.get_peak_memory() - base
+                tok = mx.argmax(logits[:, -1], axis=-1)
+                per_token = []
+                for r in range(repeats + 1):
+                    mx.synchronize()
+                    t0 = time.perf_counter()
+                    for _ in range(decode_tokens):
+                        tok = mx.argmax(model(tok[:, None], cache=cache)[:, -1], axis=-1)
+                        mx.eval(tok)
+                    per_token.append((time.perf_counter() - t0) / decode_tokens)
+                rows.append(
+                    {
+                        "context": T,
+                        "kind": kind,
+                        "prefill_tok_per_s": T / prefill_s,
+                        "prefill_peak_bytes": peak,
+                        "cache_bytes": _cache_bytes(cache),
+                        "decode_tok_per_s": 1.0 / statistics.median(per_token[1:]),
+                    }
+                )
+            except Exception as exc:  # e.g. MLX has no kernel for this cache on this GPU
+                rows.append({"context": T, "kind": kind, "error": f"{type(exc).__name__}: {exc}"})
+                continue
+            del cache, logits
+            mx.clear_cache()
+        fp16 = {r["kind"]: r for r in rows if r["context"] == T}["fp16"]
+        for r in rows:
+            if r["context"] == T and "error" not in r and "error" not in fp16:
+                r["decode_vs_fp16"] = r["decode_tok_per_s"] / fp16["decode_tok_per_s"]
+                r["peak_vs_fp16"] = r["prefill_peak_bytes"] / max(fp16["prefill_peak_bytes"], 1)
+    return rows
+
+
+def render(result: dict) -> str:
+    out = []
+    if result.get("attention"):
+        table = [
+            [
+                r["context"],
+                r["kind"],
+                f"{r['us_per_call']:.1f}",
+                f"{r['speedup_vs_fp16']:.2f}x",
+                f"{r['speedup_vs_mlx4']:.2f}x",
+                f"{r['cache_bytes'] / 2**20:.1f}",
+                f"{r['compression_vs_fp16']:.2f}x",
+            ]
+            for r in result["attention"]
+        ]
+        out.append(
+            format_table(
+                ["context", "cache", "us/step", "vs fp16", "vs mlx 4-bit", "MiB", "compression"],
+                table,
+            )
+        )
+    if result.get("model"):
+        table = [
+            [r["context"], r["kind"], "error: " + r["error"][:60], "", "", "", "", ""]
+            if "error" in r
+            else [
+                r["context"],
+                r["kind"],
+                f"{r['decode_tok_per_s']:.1f}",
+                f"{r['decode_vs_fp16']:.2f}x",
+                f"{r['prefill_tok_per_s']:.0f}",
+                f"{r['prefill_peak_bytes'] / 2**20:.0f}",
+                f"{r['peak_vs_fp16']:.2f}x",
+                f"{r['cache_bytes'] / 2**20:.1f}",
+            ]
+            for r in result["model"]
+        ]
+        out.append(
+            format_table(
+                [
+                    "context",
+                    "cache",
+                    "decode tok/s",
+                    "vs fp16",
+                    "prefill tok/s",
+                    "prefill peak MiB",
+                    "peak vs fp16",
+                    "cache MiB",
+                ],
+                table,
+            )
+        )
+    return "\n\n".join(out)

@@ -1,0 +1,337 @@
+"""Launch decode attention over packed TurboQuant keys/values: split-K attend, then combine.
+
+The caller (tq-kvcache) prepares the query rows and un-rotates the result; this module only
+knows arrays: :class:`KeyPart` / :class:`ValuePart` hold one TurboQuant instance's codes
+(sliced to the packed tokens; views are read through their strides, never copied) and its
+codebook. See :mod:`tq_kernels.attention_source` for the kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import mlx.core as mx
+
+from .attention_source import (
+    ATTEND_THREADS,
+    ROW_BUCKETS,
+    AttendLayout,
+    KeyPartLayout,
+    ValuePartLayout,
+    attend_source,
+    combine_source,
+    finish_source,
+)
+from .backend import kernel_backend
+
+__all__ = [
+    "KeyPart",
+    "ValuePart",
+    "packed_kv_attention",
+    "raw_kv_attention",
+    "raw_queries_apply",
+    "MAX_ATTEND_ROWS",
+    "split_plan",
+]
+
+MAX_ATTEND_ROWS = ROW_BUCKETS[-1]
+#: Threadgroups to aim for over the whole GPU (H100: 132 SMs, 4 per SM): fewer leave SMs
+#: idle on short contexts, more only add partial results to merge.
+_TARGET_GROUPS = 528
+_COMBINE_THREADS = 256
+
+
+@dataclass(frozen=True)
+class KeyPart:
+    """Codes of one key part: ``idx`` (B, H, N, W) uint32 and ``norm`` (B, H, N) at ``bits``
+    mse bits with ``codebook`` (2**bits floats), or ``bits`` = 0; with ``prod`` also the QJL
+    ``sgn`` (B, H, N, width/32) uint32 and ``rnorm`` (B, H, N)."""
+
+    width: int
+    bits: int
+    idx: mx.array | None = None
+    norm: mx.array | None = None
+    codebook: mx.array | None = None
+    sgn: mx.array | None = None
+    rnorm: mx.array | None = None
+    signs: mx.array | None = None  # the part's rotation signs (float32), for raw queries
+
+    @property
+    def prod(self) -> bool:
+        return self.sgn is not None
+
+
+@dataclass(frozen=True)
+class ValuePart:
+    """Codes of one value part: ``idx`` (B, H, N, W) uint32, ``norm`` (B, H, N), codebook."""
+
+    width: int
+    bits: int
+    idx: mx.array
+    norm: mx.array
+    codebook: mx.array
+    signs: mx.array | None = None  # the part's rotation signs (float32), for raw queries
+
+
+def _row_bucket(rows: int) -> int:
+    for b in ROW_BUCKETS:
+        if rows <= b:
+            return b
+    raise ValueError(f"packed attention takes at most {MAX_ATTEND_ROWS} query rows, got {rows}")
+
+
+def split_plan(n_packed: int, heads: int) -> tuple[int, int]:
+    """(tokens per split, number of splits) for ``n_packed`` tokens over ``heads`` (batch x
+    KV heads) threadgroup columns: whole tiles, enough splits to fill the GPU."""
+    want = max(1, _TARGET_GROUPS // max(1, heads))
+    chunk = -(-n_packed // want)
+    chunk = max(ATTEND_THREADS, -(-chunk // ATTEND_THREADS) * ATTEND_THREADS)
+    return chunk, -(-n_packed // chunk)
+
+
+@cache
+def _attend_kernel(layout: AttendLayout, backend: str):
+    name, header, body, inputs, outputs = attend_source(layout, backend)
+    make = mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel
+    return make(
+        name=name,
+        input_names=list(inputs),
+        output_names=list(outputs),
+        source=body,
+        header=header,
+        ensure_row_contiguous=False,
+    )
+
+
+@cache
+def _finish_kernel(layout: AttendLayout, backend: str):
+    name, header, body, inputs, outputs = finish_source(layout, backend)
+    make = mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel
+    return make(
+        name=name,
+        input_names=list(inputs),
+        output_names=list(outputs),
+        source=body,
+        header=header,
+        ensure_row_contiguous=True,
+    )
+
+
+@cache
+def _combine_kernel(backend: str):
+    name, header, body, inputs, outputs = combine_source(backend)
+    make = mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel
+    return make(
+        name=name,
+        input_names=list(inputs),
+        output_names=list(outputs),
+        source=body,
+        header=header,
+        ensure_row_contiguous=True,
+    )
+
+
+def _layout(keys, values, rows, dk, dv, raw=False, kperm=False, vperm=False):
+    kl, qoff = [], 0
+    for p in keys:
+        kl.append([p.width, p.bits, p.prod, qoff if p.bits else 0, 0])
+        if p.bits:
+            qoff += p.width
+    for entry, p in zip(kl, keys):
+        if p.prod:
+            entry[4] = qoff
+            qoff += p.width
+    vl, off = [], 0
+    for p in values:
+        vl.append(ValuePartLayout(p.width, p.bits, off))
+        off += p.width
+    layout = AttendLayout(
+        tuple(KeyPartLayout(*e) for e in kl),
+        tuple(vl),
+        _row_bucket(rows),
+        qoff,
+        dk,
+        dv,
+        raw,
+        kperm,
+        vperm,
+    )
+    return layout, qoff
+
+
+def _fp_inputs(fp_segments, b, h, dk, dv):
+    """The four fp16 segment inputs and the sink and tail lengths; an absent segment still
+    needs a pointer of the fp dtype: another segment's array (or zeros), never read."""
+    sink_k, sink_v, tail_k, tail_v = fp_segments
+    n_sink = 0 if sink_k is None else sink_k.shape[2]
+    n_tail = 0 if tail_k is None else tail_k.shape[2]
+    some_k = next((x for x in (sink_k, tail_k) if x is not None and x.shape[2]), None)
+    some_v = next((x for x in (sink_v, tail_v) if x is not None and x.shape[2]), None)
+    if some_k is None:
+        some_k = mx.zeros((b, h, 1, dk), mx.float16)
+        some_v = mx.zeros((b, h, 1, dv), mx.float16)
+    sink_k = sink_k if n_sink else some_k
+    sink_v = sink_v if n_sink else some_v
+    tail_k = tail_k if n_tail else some_k
+    tail_v = tail_v if n_tail else some_v
+    if sink_k.dtype != tail_k.dtype:
+        tail_k, tail_v = tail_k.astype(sink_k.dtype), tail_v.astype(sink_k.dtype)
+    return sink_k, sink_v, tail_k, tail_v, n_sink, n_tail
+
+
+def raw_queries_apply(keys, values) -> bool:
+    """Whether :func:`raw_kv_attention` takes these parts: mse keys, every key and value part
+    a single power-of-two Hadamard block with its signs given."""
+    parts = (*keys, *values)
+    return all(
+        p.signs is not None and not (p.width & (p.width - 1)) and not getattr(p, "prod", False)
+        for p in parts
+    ) and all(p.bits for p in keys)
+
+
+@cache
+def _scale_param(scale: float) -> mx.array:
+    a = mx.array([scale], mx.float32)
+    mx.eval(a)
+    return a
+
+
+def raw_kv_attention(
+    queries: mx.array,
+    scale: float,
+    keys: tuple[KeyPart, ...],
+    values: tuple[ValuePart, ...],
+    fp_segments: tuple,
+    causal: bool,
+    sinks: mx.array | None = None,
+    kperm: mx.array | None = None,
+    vperm: mx.array | None = None,
+) -> mx.array:
+    """The attention output (B, Hq, L, Dv) in ``queries.dtype`` from the model's raw queries
+    (B, Hq, L, Dk): the kernels scale, permute and rotate the queries, and un-rotate and
+    permute back the output themselves, so a decode step is two launches. ``kperm`` /
+    ``vperm`` (H, D) int32: outlier-channel permutations of fractional bits; ``sinks``:
+    (Hq,) attention-sink logits. Only where :func:`raw_queries_apply`."""
+    backend = kernel_backend()
+    if backend is None:
+        raise RuntimeError("tq-kernels: no GPU backend (Metal or CUDA) is available")
+    b, hq, L, dk = queries.shape
+    probe = keys[0].idx
+    h, n_packed = probe.shape[1], probe.shape[2]
+    rows = (hq // h) * L
+    dv = sum(p.width for p in values)
+    layout, _ = _layout(keys, values, rows, dk, dv, True, kperm is not None, vperm is not None)
+    chunk, nsplit = split_plan(n_packed, b * h)
+    sink_k, sink_v, tail_k, tail_v, n_sink, n_tail = _fp_inputs(fp_segments, b, h, dk, dv)
+    counts = mx.array(
+        [chunk, n_sink, n_tail, L, int(causal), rows, h, int(sinks is not None)], mx.int32
+    )
+    inputs = [mx.contiguous(queries), _scale_param(float(scale)), counts]
+    for p in keys:
+        inputs += [p.idx, p.norm, p.codebook, p.signs]
+    if kperm is not None:
+        inputs.append(kperm)
+    for p in values:
+        inputs += [p.idx, p.norm, p.codebook]
+    inputs += [sink_k, sink_v, tail_k, tail_v]
+    rb = layout.rows
+    o, ml = _attend_kernel(layout, backend)(
+        inputs=inputs,
+        grid=((nsplit + 1) * ATTEND_THREADS, b * h, 1),
+        threadgroup=(ATTEND_THREADS, 1, 1),
+        output_shapes=[(b * h, nsplit + 1, rb, dv), (b * h, nsplit + 1, rb, 2)],
+        output_dtypes=[mx.float32, mx.float32],
+    )
+    finish = [o, ml, sinks.astype(mx.float32) if sinks is not None else counts, counts]
+    finish += [p.signs for p in values]
+    if vperm is not None:
+        finish.append(vperm)
+    (out,) = _finish_kernel(layout, backend)(
+        inputs=finish,
+        template=[("T", queries.dtype)],
+        grid=(rows * ATTEND_THREADS, b * h, 1),
+        threadgroup=(ATTEND_THREADS, 1, 1),
+        output_shapes=[(b, hq, L, dv)],
+        output_dtypes=[queries.dtype],
+    )
+    return out
+
+
+def packed_kv_attention(
+    q: mx.array,
+    qf: mx.array,
+    keys: tuple[KeyPart, ...],
+    values: tuple[ValuePart, ...],
+    fp_segments: tuple,
+    queries_per_head: int,
+    causal: bool,
+    sinks: mx.array | None = None,
+) -> tuple[mx.array, mx.array]:
+    """Softmax attention of query rows over packed tokens and fp16 sink/tail tokens.
+
+    ``q`` (B, H, R, DQ) float32: per key part its rotated query rows (parts with mse bits,
+    in order), then its sketched rows (prod parts, in order); ``qf`` (B, H, R, Dk) float32:
+    the plain rows for the fp16 tokens; both already scaled. Row r is query ``r % L`` of
+    its head (L = ``queries_per_head``). ``fp_segments`` = (sink_k, sink_v, tail_k, tail_v),
+    each (B, H, n, D) or None; with ``causal`` the last L tail tokens are the queries'.
+    ``sinks``: (H, R) float32 attention-sink logits or None.
+
+    Returns (rot, fp), each (B, H, R, Dv) float32 and already divided by the softmax
+    denominator: ``rot`` is the packed tokens' share in the values' rotated basis (parts in
+    order), ``fp`` the fp16 tokens' share in the original basis; the output is
+    ``unrotate(rot) + fp``.
+    """
+    backend = kernel_backend()
+    if backend is None:
+        raise RuntimeError("tq-kernels: no GPU backend (Metal or CUDA) is available")
+    b, h, rows, _ = q.shape
+    dk = qf.shape[-1]
+    dv = sum(p.width for p in values)
+    layout, dq = _layout(keys, values, rows, dk, dv)
+    if q.shape[-1] != dq:
+        raise ValueError(f"query rows have {q.shape[-1]} values, the key parts need {dq}")
+    rb = layout.rows
+    if rb != rows:
+        pad = [(0, 0), (0, 0), (0, rb - rows), (0, 0)]
+        q, qf = mx.pad(q, pad), mx.pad(qf, pad)
+    probe = keys[0].idx if keys[0].bits else keys[0].sgn
+    n_packed = probe.shape[2]
+    chunk, nsplit = split_plan(n_packed, b * h)
+
+    sink_k, sink_v, tail_k, tail_v, n_sink, n_tail = _fp_inputs(fp_segments, b, h, dk, dv)
+    counts = mx.array([chunk, n_sink, n_tail, queries_per_head, int(causal)], mx.int32)
+
+    inputs = [mx.contiguous(q.astype(mx.float32)), mx.contiguous(qf.astype(mx.float32)), counts]
+    for p in keys:
+        if p.bits:
+            inputs += [p.idx, p.norm, p.codebook]
+        if p.prod:
+            inputs += [p.sgn, p.rnorm]
+    for p in values:
+        inputs += [p.idx, p.norm, p.codebook]
+    inputs += [sink_k, sink_v, tail_k, tail_v]
+    o, ml = _attend_kernel(layout, backend)(
+        inputs=inputs,
+        grid=((nsplit + 1) * ATTEND_THREADS, b * h, 1),
+        threadgroup=(ATTEND_THREADS, 1, 1),
+        output_shapes=[(b * h, nsplit + 1, rb, dv), (b * h, nsplit + 1, rb, 2)],
+        output_dtypes=[mx.float32, mx.float32],
+    )
+    if sinks is None:
+        sink_logits = mx.full((h, rb), -float("inf"), mx.float32)
+    else:
+        sink_logits = sinks.astype(mx.float32)
+        if rb != rows:
+            sink_logits = mx.pad(sink_logits, [(0, 0), (0, rb - rows)], -float("inf"))
+    total = b * h * rb * dv
+    rot, fp = _combine_kernel(backend)(
+        inputs=[o, ml, sink_logits],
+        grid=(-(-total // _COMBINE_THREADS) * _COMBINE_THREADS, 1, 1),
+        threadgroup=(_COMBINE_THREADS, 1, 1),
+        output_shapes=[(b, h, rb, dv), (b, h, rb, dv)],
+        output_dtypes=[mx.float32, mx.float32],
+    )
+    if rb != rows:
+        rot, fp = rot[:, :, :rows], fp[:, :, :rows]
+    return rot, fp

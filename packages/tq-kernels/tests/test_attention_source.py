@@ -1,0 +1,102 @@
+"""Packed-KV attention kernel source: one body for CUDA and Metal per codes layout (CI)."""
+
+import pytest
+from tq_kernels.attention import KeyPart, ValuePart, _layout, split_plan
+from tq_kernels.attention_source import (
+    ATTEND_THREADS,
+    AttendLayout,
+    KeyPartLayout,
+    ValuePartLayout,
+    attend_source,
+    combine_source,
+)
+
+LAYOUTS = {
+    "k4v3": ((KeyPart(128, 4),), (ValuePart(128, 3, None, None, None),)),
+    "k3v2-prod": ((KeyPart(128, 2, sgn=object()),), (ValuePart(128, 2, None, None, None),)),
+    "k3.5v2.5": (
+        (KeyPart(64, 4), KeyPart(64, 3)),
+        (ValuePart(64, 3, None, None, None), ValuePart(64, 2, None, None, None)),
+    ),
+    "k1-prod": ((KeyPart(64, 0, sgn=object()),), (ValuePart(64, 1, None, None, None),)),
+}
+
+
+def _strip(body: str) -> str:
+    return body.split("tq_gid")[-1].split("\n", 1)[1]
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_attend_source_is_one_body_for_both_backends(name):
+    keys, values = LAYOUTS[name]
+    dk, dv = sum(p.width for p in keys), sum(p.width for p in values)
+    layout, dq = _layout(keys, values, 3, dk, dv)
+    assert layout.rows == 4  # 3 query rows compile as the 4-row bucket
+    cuda, metal = attend_source(layout, "cuda"), attend_source(layout, "metal")
+    assert _strip(cuda[2]) == _strip(metal[2])
+    assert cuda[3] == metal[3] and cuda[4] == ("o", "ml")
+    assert "__shfl_xor_sync" in cuda[1] and "simd_max" in metal[1]
+    assert "__shared__" not in metal[1] + metal[2] and "threadIdx" not in metal[2]
+    # The query row holds each mse part's rotated slice, then each prod part's sketch.
+    assert dq == sum(p.width for p in keys if p.bits) + sum(p.width for p in keys if p.prod)
+    for i, p in enumerate(keys):
+        assert (f"k{i}_idx" in cuda[3]) == bool(p.bits)
+        assert (f"k{i}_sgn" in cuda[3]) == p.prod
+
+
+def test_combine_source_for_both_backends():
+    cuda, metal = combine_source("cuda"), combine_source("metal")
+    assert _strip(cuda[2]) == _strip(metal[2]) and cuda[3] == ("o", "ml", "sinks")
+
+
+def test_layout_checks():
+    with pytest.raises(ValueError, match="multiples of 32"):
+        AttendLayout(
+            (KeyPartLayout(48, 3, False, 0, 0),), (ValuePartLayout(64, 2, 0),), 1, 48, 48, 64
+        )
+    with pytest.raises(ValueError, match="rows"):
+        AttendLayout(
+            (KeyPartLayout(64, 3, False, 0, 0),), (ValuePartLayout(64, 2, 0),), 3, 64, 64, 64
+        )
+    with pytest.raises(ValueError, match="at most 16"):
+        _layout(*LAYOUTS["k4v3"], 17, 128, 128)
+
+
+@pytest.mark.parametrize("n,heads", [(1, 8), (300, 8), (8192, 8), (131072, 8), (131072, 64)])
+def test_split_plan_covers_every_token_in_whole_tiles(n, heads):
+    chunk, splits = split_plan(n, heads)
+    assert chunk % ATTEND_THREADS == 0
+    assert (splits - 1) * chunk < n <= splits * chunk
+    assert splits * heads <= 528 or chunk == ATTEND_THREADS
+
+
+def test_value_positions_follow_the_parts():
+    from tq_kernels.attention_source import value_positions
+
+    keys, values = LAYOUTS["k3.5v2.5"]
+    layout, _ = _layout(keys, values, 1, 128, 128)
+    # Two 64-wide parts: lane 5 owns coordinates 10, 11 of part 0 and 64 + 10, 64 + 11.
+    assert [5 * m + a for m, a in value_positions(layout)] == [10, 11, 74, 75]
+    single, _ = _layout(*LAYOUTS["k4v3"], 1, 128, 128)
+    assert [5 * m + a for m, a in value_positions(single)] == [20, 21, 22, 23]
+
+
+@pytest.mark.parametrize("name", ["k4v3", "k3.5v2.5"])
+def test_raw_query_sources_for_both_backends(name):
+    from tq_kernels.attention_source import finish_source
+
+    keys, values = LAYOUTS[name]
+    dk, dv = sum(p.width for p in keys), sum(p.width for p in values)
+    perm = len(keys) > 1
+    layout, _ = _layout(keys, values, 4, dk, dv, True, perm, perm)
+    for make in (attend_source, finish_source):
+        cuda, metal = make(layout, "cuda"), make(layout, "metal")
+        assert _strip(cuda[2]) == _strip(metal[2]) and cuda[3] == metal[3]
+    assert ("kperm" in attend_source(layout, "cuda")[3]) == perm
+    assert ("vperm" in finish_source(layout, "cuda")[3]) == perm
+    assert "params" in attend_source(layout, "cuda")[3]
+
+
+def test_raw_queries_refuse_prod_keys():
+    with pytest.raises(ValueError, match="raw queries"):
+        _layout(*LAYOUTS["k3v2-prod"], 1, 128, 128, True)

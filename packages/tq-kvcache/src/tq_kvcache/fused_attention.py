@@ -1,0 +1,172 @@
+"""Decode attention over a TurboQuant cache on the fused GPU kernels of tq-kernels.
+
+Same contract as :func:`tq_kvcache.attention.cache_attention` (the reference, which defines
+the result): rotate the query once per key part, let the kernels score the packed codes and
+accumulate values in the rotated basis (split over the sequence, online softmax, GQA, the
+fp16 sinks and tail in the same launch), un-rotate once. Returns ``None`` where the kernels
+do not apply (no GPU, array masks, more than 16 query rows per KV head, odd head dims), and
+the reference runs. A kernel that fails (a compile error) is switched off for the process
+with one warning.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from functools import cache
+
+import mlx.core as mx
+from tq_core.rotation import rotate, unrotate
+from tq_kernels import kernel_backend
+from tq_kernels.attention import (
+    MAX_ATTEND_ROWS,
+    KeyPart,
+    ValuePart,
+    packed_kv_attention,
+    raw_kv_attention,
+    raw_queries_apply,
+)
+
+from .codec import KVCodec, _gather_channels, _scatter_channels
+
+__all__ = ["fused_cache_attention", "fused_attention_enabled"]
+
+_failed = False
+#: Layouts whose kernels have run once: MLX compiles a kernel when the graph is evaluated,
+#: so the first call of each layout is evaluated here, where a failure can still fall back.
+_verified: set = set()
+
+
+def fused_attention_enabled() -> bool:
+    """False on the CPU, with ``TQ_KERNELS=0``, or after a kernel failure."""
+    if _failed or os.environ.get("TQ_KERNELS", "1") == "0":
+        return False
+    return kernel_backend() is not None and mx.default_device() == mx.gpu
+
+
+@cache
+def _codebook(bits: int, width: int, sphere) -> mx.array:
+    c = sphere(bits, width).centroids_mx()
+    mx.eval(c)
+    return c
+
+
+def _parts(codec: KVCodec, codes: dict, values: bool):
+    from tq_core.codebook import sphere_codebook
+
+    parts = []
+    for i, part in enumerate(codec.parts):
+        if part.width % 32:
+            return None
+        cb = _codebook(part.mse_bits, part.width, sphere_codebook) if part.mse_bits else None
+        # A rotation of one Hadamard block can be applied inside the kernels.
+        signs = part.rotation.signs if part.rotation.block == part.width else None
+        if values:
+            parts.append(
+                ValuePart(part.width, part.bits, codes[f"{i}.idx"], codes[f"{i}.norm"], cb, signs)
+            )
+        else:
+            parts.append(
+                KeyPart(
+                    part.width,
+                    part.mse_bits,
+                    codes.get(f"{i}.idx"),
+                    codes.get(f"{i}.norm"),
+                    cb,
+                    codes.get(f"{i}.sgn"),
+                    codes.get(f"{i}.rnorm"),
+                    signs,
+                )
+            )
+    return tuple(parts)
+
+
+def _query_rows(q: mx.array, codec: KVCodec) -> mx.array:
+    """The packed-query row layout of :func:`packed_kv_attention`: rotated parts, then
+    sketched parts (Algorithm 2's ``S q``)."""
+    qp = _gather_channels(q, codec.perm)
+    pieces = []
+    for part in codec.parts:
+        if part.mse_bits:
+            pieces.append(rotate(qp[..., part.start : part.start + part.width], part.rotation))
+    for part in codec.parts:
+        if part.prod:
+            pieces.append(qp[..., part.start : part.start + part.width] @ part.sketch.T)
+    return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=-1)
+
+
+def _unrotate_values(rot: mx.array, codec: KVCodec) -> mx.array:
+    outs = [unrotate(rot[..., p.start : p.start + p.width], p.rotation) for p in codec.parts]
+    out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
+    return _scatter_channels(out, codec.perm)
+
+
+def fused_cache_attention(queries, cache, scale: float, mask=None, sinks=None):
+    """Attention output (B, Hq, L, Dv) from the fused kernels, or ``None``."""
+    global _failed
+    if not fused_attention_enabled():
+        return None
+    if mask is not None and not (isinstance(mask, str) and mask == "causal"):
+        return None
+    sink_k, sink_v, k_codes, v_codes, tail_k, tail_v = cache.segments()
+    k_codec, v_codec = cache.codecs
+    b, hq, L, dk = queries.shape
+    kv_heads = next(iter(k_codes.values())).shape[1]
+    if hq % kv_heads or (hq // kv_heads) * L > MAX_ATTEND_ROWS or dk % 32:
+        return None
+    if L > 1 and (tail_k is None or tail_k.shape[2] < L):
+        return None  # the queries' own tokens must sit in the fp16 tail for the causal mask
+    keys, values = _parts(k_codec, k_codes, False), _parts(v_codec, v_codes, True)
+    if keys is None or values is None or v_codec.dim % 32:
+        return None
+    rep = hq // kv_heads
+    fp_segments = (sink_k, sink_v, tail_k, tail_v)
+    raw = raw_queries_apply(keys, values)
+    try:
+        if raw:
+            out = raw_kv_attention(
+                queries,
+                scale,
+                keys,
+                values,
+                fp_segments,
+                mask is not None,
+                sinks,
+                k_codec.perm,
+                v_codec.perm,
+            )
+        else:
+            out = _prepared_attention(
+                queries, scale, keys, values, fp_segments, mask, sinks, k_codec, v_codec
+            )
+        key = (k_codec.bits, k_codec.mode, v_codec.bits, dk, v_codec.dim, rep * L, queries.dtype)
+        if key not in _verified:
+            mx.eval(out)
+            _verified.add(key)
+    except Exception as exc:  # a compile failure must not take generation down
+        _failed = True
+        warnings.warn(
+            f"tq: the fused KV attention kernel failed ({type(exc).__name__}: {exc}); "
+            "using the reference attention for this process",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    return out
+
+
+def _prepared_attention(queries, scale, keys, values, fp_segments, mask, sinks, kc, vc):
+    """Prod keys or rotations of several blocks: rotate/sketch the queries and un-rotate the
+    output with ``mlx.core`` ops around the kernels."""
+    b, hq, L, dk = queries.shape
+    kv_heads = keys[0].idx.shape[1] if keys[0].bits else keys[0].sgn.shape[1]
+    rep = hq // kv_heads
+    qf = (queries.astype(mx.float32) * scale).reshape(b, kv_heads, rep * L, dk)
+    sink_rows = None
+    if sinks is not None:
+        sink_rows = mx.repeat(sinks.astype(mx.float32).reshape(kv_heads, rep), L, axis=1)
+    rot, fp = packed_kv_attention(
+        _query_rows(qf, kc), qf, keys, values, fp_segments, L, mask is not None, sink_rows
+    )
+    out = _unrotate_values(rot, vc) + fp
+    return out.reshape(b, hq, L, -1).astype(queries.dtype)

@@ -1,0 +1,109 @@
+"""Fused packed-KV attention kernels against the reference path (GPU; skipped on CI's CPU)."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from tq_kernels import kernel_backend
+from tq_kvcache.attention import reference_cache_attention
+from tq_kvcache.cache import TurboQuantKVCache
+from tq_kvcache.fused_attention import fused_attention_enabled, fused_cache_attention
+
+gpu = pytest.mark.skipif(kernel_backend() is None, reason="no GPU backend (Metal/CUDA)")
+
+
+def _filled_cache(b, h, d, n, dtype=mx.float16, seed=0, extra=0, **knobs):
+    mx.random.seed(seed)
+    cache = TurboQuantKVCache(**knobs)
+    k = (mx.random.normal((b, h, n, d)) * (1 + mx.arange(d) / d)).astype(dtype)
+    v = mx.random.normal((b, h, n, d)).astype(dtype)
+    cache.update_and_fetch(k, v)
+    cache.compress()
+    if extra:  # tokens after the flush stay in the fp16 tail
+        cache.update_and_fetch(
+            mx.random.normal((b, h, extra, d)).astype(dtype),
+            mx.random.normal((b, h, extra, d)).astype(dtype),
+        )
+    return cache
+
+
+def test_cpu_uses_the_reference_path():
+    if fused_attention_enabled():
+        pytest.skip("a GPU backend is the default device")
+    cache = _filled_cache(1, 2, 64, 80, k_bits=3, v_bits=2, sink_tokens=4, buffer=4)
+    q = mx.random.normal((1, 4, 1, 64))
+    assert fused_cache_attention(q, cache, 0.125) is None
+
+
+CASES = [
+    # b, hq, h, d, n, extra, L, knobs
+    (1, 4, 2, 64, 100, 0, 1, dict(k_bits=4, v_bits=3, sink_tokens=4, buffer=8)),
+    (2, 6, 3, 64, 77, 0, 1, dict(k_bits=3, v_bits=2, sink_tokens=0, buffer=0)),
+    (1, 8, 8, 128, 300, 5, 3, dict(k_bits=2, v_bits=2, sink_tokens=16, buffer=5)),
+    (1, 2, 1, 96, 65, 0, 1, dict(k_bits=8, v_bits=1, sink_tokens=1, buffer=0)),
+    (1, 4, 2, 64, 90, 4, 2, dict(k_bits=3.5, v_bits=2.5, sink_tokens=3, buffer=4)),
+    (1, 4, 1, 64, 90, 0, 1, dict(k_bits=3, v_bits=4, key_mode="prod", sink_tokens=0, buffer=3)),
+    (1, 4, 2, 128, 70, 0, 1, dict(k_bits=2.5, v_bits=3.5, key_mode="prod", sink_tokens=2)),
+    (1, 32, 8, 128, 5000, 0, 1, dict(k_bits=4, v_bits=3)),  # many splits, GQA 4
+    (2, 16, 2, 128, 3000, 8, 2, dict(k_bits=3, v_bits=2)),  # 16 rows, causal tail
+    (1, 4, 4, 64, 600, 0, 1, dict(k_bits=1, v_bits=2, key_mode="prod", sink_tokens=0, buffer=0)),
+]
+
+
+# Every layout in float16; two of them also in bfloat16 and float32 (each dtype compiles
+# its own kernel, so not every pair).
+PARAMS = [(*c, mx.float16) for c in CASES] + [
+    (*CASES[i], dt) for i in (4, 8) for dt in (mx.bfloat16, mx.float32)
+]
+
+
+@gpu
+@pytest.mark.parametrize("b,hq,h,d,n,extra,L,knobs,dtype", PARAMS)
+def test_fused_matches_reference(b, hq, h, d, n, extra, L, knobs, dtype):
+    cache = _filled_cache(b, h, d, n, dtype, extra=extra, **knobs)
+    q = mx.random.normal((b, hq, L, d)).astype(dtype)
+    mask = "causal" if L > 1 else None
+    got = fused_cache_attention(q, cache, d**-0.5, mask)
+    assert got is not None, "the fused kernels did not run"
+    want = reference_cache_attention(q, cache, d**-0.5, mask)
+    assert got.dtype == dtype and got.shape == want.shape
+    tol = 2e-2 if dtype == mx.bfloat16 else 5e-3
+    scale = max(float(mx.abs(want.astype(mx.float32)).max()), 1e-6)
+    err = float(mx.abs(got.astype(mx.float32) - want.astype(mx.float32)).max()) / scale
+    assert err < tol, f"relative error {err}"
+
+
+@gpu
+def test_sinks_extreme_scores_and_non_finite():
+    cache = _filled_cache(1, 2, 64, 700, k_bits=4, v_bits=3, sink_tokens=8, buffer=8)
+    sinks = mx.array([4.0, -2.0, 30.0, 0.0])
+    q = mx.random.normal((1, 4, 1, 64)) * 40  # peaked softmax
+    got = fused_cache_attention(q, cache, 0.125, None, sinks)
+    want = reference_cache_attention(q, cache, 0.125, None, sinks)
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-3, rtol=2e-3)
+    bad = q.at[0, 1, 0, 3].add(mx.nan)
+    out = fused_cache_attention(bad, cache, 0.125)
+    assert bool(mx.isnan(out[0, 1]).all()) and bool(mx.isfinite(out[0, 0]).all())
+
+
+@gpu
+def test_array_masks_and_too_many_rows_fall_back():
+    cache = _filled_cache(1, 2, 64, 300, k_bits=4, v_bits=3, sink_tokens=4, buffer=4)
+    q = mx.random.normal((1, 4, 1, 64))
+    window = mx.arange(cache.size()) >= cache.size() - 16
+    assert fused_cache_attention(q, cache, 0.125, window) is None
+    assert fused_cache_attention(mx.random.normal((1, 40, 1, 64)), cache, 0.125) is None
+
+
+@gpu
+def test_decode_through_the_cache_matches_reference():
+    """Token by token through update_and_fetch: every step's fused output equals the
+    reference while the cache flushes the tail into packed codes."""
+    cache = TurboQuantKVCache(k_bits=3, v_bits=2, sink_tokens=16, buffer=16, flush_batch=8)
+    cache.update_and_fetch(mx.random.normal((1, 2, 200, 64)), mx.random.normal((1, 2, 200, 64)))
+    for _ in range(20):
+        k, v = mx.random.normal((1, 2, 1, 64)), mx.random.normal((1, 2, 1, 64))
+        cache.update_and_fetch(k, v)
+        q = mx.random.normal((1, 8, 1, 64))
+        got = fused_cache_attention(q, cache, 0.125)
+        want = reference_cache_attention(q, cache, 0.125)
+        np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-4, rtol=1e-3)
