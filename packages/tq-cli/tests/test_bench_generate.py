@@ -53,7 +53,7 @@ def test_three_caches_per_context_json_and_plot(capsys, config_only, tmp_path):
     size = {k: rows[(96, k)]["cache_bytes"] for k in ("fp16", "mlx-q4", "turboquant")}
     assert size["turboquant"] < size["mlx-q4"] < size["fp16"], size
     assert "TurboQuantKVCache" in result["caches"]["turboquant"]
-    assert "allocator peak" in result["notes"][0]  # the CPU memory note
+    assert "allocator peak" in result["notes"][0] and "float32" in result["notes"][1]
     if HAS_MATPLOTLIB:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "context" in err and "decode tok/s" in err  # the table

@@ -20,9 +20,13 @@ CACHES = ("fp16", "mlx-q4", "turboquant")
 LABELS = {"fp16": "fp16 KVCache", "mlx-q4": "mlx-lm QuantizedKVCache 4-bit gs64"}
 MLX_KV_BITS, MLX_KV_GROUP = 4, 64
 DEFAULT_CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
+MEMORY_NOTE = (
+    "peak memory is MLX's allocator peak since mx.reset_peak_memory() before each run: it "
+    "includes the resident weights"
+)
 CPU_MEMORY_NOTE = (
-    "on the CPU, peak memory is MLX's allocator peak (arrays MLX allocated), not the "
-    "process RSS; weights loaded before the reset count in it"
+    "on the CPU it counts the arrays MLX allocated, not the process RSS, and the model and "
+    "its 'fp16' cache compute in float32 (the CPU's float16 matmuls are slow)"
 )
 
 
@@ -298,7 +302,7 @@ def benchmark(args) -> dict:
         "max_position_embeddings": limit,
         "contexts": contexts,
         "skipped_contexts": skipped,
-        "notes": [CPU_MEMORY_NOTE] if device.startswith("Device(cpu") else [],
+        "notes": [MEMORY_NOTE, *([CPU_MEMORY_NOTE] if device.startswith("Device(cpu") else [])],
         "rows": [],
     }
     start = time.perf_counter()
