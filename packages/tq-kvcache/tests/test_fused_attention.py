@@ -42,7 +42,16 @@ CASES = [
     (1, 2, 1, 96, 65, 0, 1, dict(k_bits=8, v_bits=1, sink_tokens=1, buffer=0)),
     (1, 4, 2, 64, 90, 4, 2, dict(k_bits=3.5, v_bits=2.5, sink_tokens=3, buffer=4)),
     (1, 4, 1, 64, 90, 0, 1, dict(k_bits=3, v_bits=4, key_mode="prod", sink_tokens=0, buffer=3)),
-    (1, 4, 2, 128, 70, 0, 1, dict(k_bits=2.5, v_bits=3.5, key_mode="prod", sink_tokens=2)),
+    (
+        1,
+        4,
+        2,
+        128,
+        70,
+        0,
+        1,
+        dict(k_bits=2.5, v_bits=3.5, key_mode="prod", sink_tokens=2, buffer=0),
+    ),
     (1, 32, 8, 128, 5000, 0, 1, dict(k_bits=4, v_bits=3)),  # many splits, GQA 4
     (2, 16, 2, 128, 3000, 8, 2, dict(k_bits=3, v_bits=2)),  # 16 rows, causal tail
     (1, 4, 4, 64, 600, 0, 1, dict(k_bits=1, v_bits=2, key_mode="prod", sink_tokens=0, buffer=0)),
@@ -92,6 +101,9 @@ def test_array_masks_and_too_many_rows_fall_back():
     window = mx.arange(cache.size()) >= cache.size() - 16
     assert fused_cache_attention(q, cache, 0.125, window) is None
     assert fused_cache_attention(mx.random.normal((1, 40, 1, 64)), cache, 0.125) is None
+    unpacked = _filled_cache(1, 2, 64, 20, k_bits=4, v_bits=3, sink_tokens=4, buffer=32)
+    assert not unpacked.packed_codes()[0]
+    assert fused_cache_attention(q, unpacked, 0.125) is None
 
 
 @gpu

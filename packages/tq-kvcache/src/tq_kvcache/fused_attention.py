@@ -109,6 +109,8 @@ def fused_cache_attention(queries, cache, scale: float, mask=None, sinks=None):
     if mask is not None and not (isinstance(mask, str) and mask == "causal"):
         return None
     sink_k, sink_v, k_codes, v_codes, tail_k, tail_v = cache.segments()
+    if not k_codes:
+        return None  # nothing packed yet: the reference attends over fp16 tokens only
     k_codec, v_codec = cache.codecs
     b, hq, L, dk = queries.shape
     kv_heads = next(iter(k_codes.values())).shape[1]
