@@ -17,3 +17,7 @@ if [ -n "${MODEL_ARGS:-}" ]; then
   step bench kv model
   timeout ${MODEL_TIMEOUT:-300} python3 -m tq_cli bench kv --no-attention --json --out "$OUT/kv-model.json" $MODEL_ARGS >/dev/null
 fi
+if [ -n "${PROFILE_ARGS:-}" ]; then
+  step profile decode
+  timeout ${PROFILE_TIMEOUT:-200} python3 benchmarks/device/profile_kv_decode.py --json "$OUT/kv-profile.json" $PROFILE_ARGS
+fi

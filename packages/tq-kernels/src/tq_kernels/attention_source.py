@@ -156,7 +156,8 @@ def _key_part_code(i: int, p: KeyPartLayout, cb_off: int, dq: int) -> str:
         out += [
             f"      const size_t kb = TQ_AT(k{i}_idx, t);",
             f"      tq_uint w[{nw}];",
-            f"      for (int v = 0; v < {nw}; ++v) w[v] = k{i}_idx[kb + v];",
+            # Whole 16-byte loads where a token's words allow (one instruction per 4 words).
+            f"      tq_load_words<{nw}>(w, k{i}_idx + kb);",
             "      float pa[R];",
             "      for (int r = 0; r < R; ++r) pa[r] = 0.0f;",
             "#pragma unroll",
@@ -202,17 +203,41 @@ def _key_part_code(i: int, p: KeyPartLayout, cb_off: int, dq: int) -> str:
 
 
 def _value_part_code(j: int, p: ValuePartLayout, cb_off: int, acc_off: int) -> str:
-    """Warp-per-token accumulation of value part ``j``: lane owns width/32 coordinates."""
+    """Warp-per-token accumulation of value part ``j``: lane owns width/32 coordinates, read
+    with one or two word loads (its codes are consecutive bits of the token's stream)."""
     c = p.width // 32
-    return "\n".join(
-        [
-            f"        {{  // value part {j}: width {p.width}, {p.bits} bits",
-            f"          const size_t vb = TQ_AT(v{j}_idx, tt);",
-            f"          const float vn = tq_float(v{j}_norm[TQ_AT(v{j}_norm, tt)]);",
+    head = [
+        f"        {{  // value part {j}: width {p.width}, {p.bits} bits",
+        f"          const size_t vb = TQ_AT(v{j}_idx, tt);",
+        f"          const float vn = tq_float(v{j}_norm[TQ_AT(v{j}_norm, tt)]);",
+    ]
+    if 32 % c == 0 and c * p.bits <= 32:
+        # Coordinates lane*c .. lane*c + c - 1 sit in one 32-value block, at consecutive
+        # bits: start = block * 32 * BITS + position * BITS.
+        extract = [
+            f"          const int bit0 = ((lane * {c}) >> 5) * {32 * p.bits} + "
+            f"((lane * {c}) & 31) * {p.bits};",
+            f"          const tq_uint lo = v{j}_idx[vb + (bit0 >> 5)];",
+            f"          const tq_uint hi = ((bit0 & 31) + {c * p.bits} > 32) ? "
+            f"v{j}_idx[vb + (bit0 >> 5) + 1] : 0u;",
+            "          const int sh = bit0 & 31;",
+            "          const tq_uint bits = sh ? ((lo >> sh) | (hi << (32 - sh))) : lo;",
+            "#pragma unroll",
+            f"          for (int e = 0; e < {c}; ++e) {{",
+            f"            const float cv = vn * cb_sh[{cb_off} + "
+            f"((bits >> (e * {p.bits})) & {(1 << p.bits) - 1}u)];",
+        ]
+    else:
+        extract = [
             "#pragma unroll",
             f"          for (int e = 0; e < {c}; ++e) {{",
             f"            const float cv = vn * cb_sh[{cb_off} + "
             f"{_code(f'(v{j}_idx + vb)', f'lane * {c} + e', p.bits)}];",
+        ]
+    return "\n".join(
+        [
+            *head,
+            *extract,
             "#pragma unroll",
             f"            for (int r = 0; r < R; ++r) acc[r][{acc_off} + e] += pr[r] * cv;",
             "          }",

@@ -1,0 +1,74 @@
+"""Where a decode step's time goes with a TurboQuant cache: the whole step, the step with
+attention replaced by a no-op (so cache updates and the rest of the model remain), for the
+fp16 cache and TurboQuant caches, after a prefill of --context tokens (random weights).
+
+usage: python benchmarks/device/profile_kv_decode.py --model-dir DIR [--context 8192]
+           [--settings K4V3,K3V2] [--tokens 32] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import mlx.core as mx
+from tq_cli import bench_kv
+
+
+def step_time(model, cache, tok, tokens):
+    times = []
+    for _ in range(3):
+        mx.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(tokens):
+            tok = mx.argmax(model(tok[:, None], cache=cache)[:, -1], axis=-1)
+            mx.eval(tok)
+        times.append((time.perf_counter() - t0) / tokens)
+    return statistics.median(times) * 1e3, tok
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--context", type=int, default=8192)
+    ap.add_argument("--settings", default="K4V3,K3V2")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    model = bench_kv._random_model(args.model_dir)
+    settings = bench_kv.parse_settings(args.settings)
+    prompt = mx.random.randint(0, 1000, (args.context,))
+    out = []
+    for kind, s in [("fp16", None)] + [(x["name"], x) for x in settings]:
+        cache = bench_kv._make_cache(model, kind, s)
+        for i in range(0, args.context, 2048):
+            logits = model(prompt[None, i : i + 2048], cache=cache)
+            mx.eval(logits, [c.state for c in cache])
+        tok = mx.argmax(logits[:, -1], axis=-1)
+        full, tok = step_time(model, cache, tok, args.tokens)
+        # The same step with attention a no-op: what remains is the model and cache updates.
+        noop = lambda q, k, v, cache=None, scale=None, mask=None, sinks=None: q  # noqa: E731
+        patched = []
+        for name, mod in list(__import__("sys").modules.items()):
+            f = getattr(mod, "scaled_dot_product_attention", None)
+            if name.startswith("mlx_lm.models.") and f is not None and callable(f):
+                patched.append((mod, f))
+                mod.scaled_dot_product_attention = noop
+        no_attn, tok = step_time(model, cache, tok, args.tokens)
+        for mod, f in patched:
+            mod.scaled_dot_product_attention = f
+        row = {"kind": kind, "step_ms": full, "no_attention_ms": no_attn,
+               "attention_ms": full - no_attn}
+        print(row, flush=True)
+        out.append(row)
+        del cache
+        mx.clear_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"context": args.context, "rows": out}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
