@@ -92,32 +92,6 @@ def test_kv_greedy_agreement(tq_model, data_file, capsys):
     assert greedy["prompts"] == 1 and greedy["tokens"] == 6
 
 
-@pytest.mark.parametrize(("mode", "bits"), [("mse", 2), ("mse", 3), ("mse", 4), ("prod", 3)])
-def test_expected_cosine_matches_random_vectors(mode, bits):
-    """On isotropic vectors the reconstruction cosine is the codebook's expectation."""
-    from tq_cli.eval_kv import _cos, expected_cosine
-    from tq_kvcache import TurboQuantKVCache
-
-    mx.random.seed(bits)
-    x = mx.random.normal((1, 2, 2048, 64))
-    cache = TurboQuantKVCache(k_bits=bits, v_bits=bits, key_mode=mode, sink_tokens=0, buffer=0)
-    cache.update_and_fetch(x, x)
-    cache.compress()
-    _, _, k_codes, _, _, _ = cache.segments()
-    codec = cache.codecs[0]
-    measured = mx.mean(_cos(codec.decode(k_codes), x)).item()
-    assert measured == pytest.approx(expected_cosine(codec, x), abs=2e-3)
-
-
-def test_parse_settings():
-    from tq_cli.eval_kv import Setting, parse_settings
-
-    got = parse_settings("fp16, K4V3,k3.5v2.5,K4V3-prod,K4V3")
-    assert got == [Setting(4, 3), Setting(3.5, 2.5), Setting(4, 3, "prod")]
-    assert [s.name for s in got] == ["K4V3", "K3.5V2.5", "K4V3-prod"]
-    assert got[1].knobs(0, 0)["sink_tokens"] == 0
-
-
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -52,8 +52,8 @@ def test_niah_json_and_needle_placement(float_model, hay, capsys, tmp_path):
 
 
 def test_build_trial_layout(float_model):
-    from tq_cli.eval_kv import chat_parts, encode, load_model
     from tq_cli.eval_niah import INTRO, NEEDLE, build_trial
+    from tq_cli.kv_harness import chat_parts, encode, load_model
 
     class Args:
         sink, buffer = 6, 10

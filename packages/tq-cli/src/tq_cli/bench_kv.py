@@ -33,7 +33,7 @@ _PREFILL_STEP = 2048
 def parse_settings(text: str, sink: int = 128, buffer: int = 128) -> list[dict]:
     """``K4V3,K3.5V3.5,K3V2-prod,K4V3-ref`` -> cache knobs; ``-ref`` runs the reference
     attention instead of the fused kernels. Bad syntax -> CommandError."""
-    from .eval_kv import parse_settings as parse_eval_settings
+    from .kv_settings import parse_settings as parse_eval_settings
 
     out = []
     for item in (s.strip() for s in text.split(",") if s.strip()):

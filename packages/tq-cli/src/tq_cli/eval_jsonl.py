@@ -27,7 +27,7 @@ MATCH_KINDS = ("exact", "substring")
 
 
 def add_arguments(parser) -> None:
-    from .eval_kv import add_setting_arguments
+    from .kv_settings import add_setting_arguments
 
     parser.add_argument(
         "file",
@@ -97,7 +97,7 @@ def matches(output: str, answer: str, kind: str) -> bool:
 
 def _split(tokenizer, parts, task) -> tuple[list[int], list[int]]:
     """(context ids, prompt ids): the template head and context, then the rest."""
-    from .eval_kv import encode
+    from .kv_harness import encode
 
     pre, post = parts
     if task["context"]:
@@ -111,15 +111,8 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from .eval_cmd import _quiet_transformers
-    from .eval_kv import (
-        answer_rows,
-        chat_parts,
-        check_counts,
-        emit,
-        load_model,
-        parse_settings,
-        setting_errors,
-    )
+    from .kv_harness import answer_rows, chat_parts, emit, load_model, setting_errors
+    from .kv_settings import check_counts, parse_settings
 
     check_counts(args)
     if args.max_tokens < 1:

@@ -40,7 +40,7 @@ def _float_list(text: str) -> list[float]:
 
 
 def add_arguments(parser) -> None:
-    from .eval_kv import add_setting_arguments
+    from .kv_settings import add_setting_arguments
     from .main import _int_list
 
     add_setting_arguments(parser, default=DEFAULT_SETTINGS)
@@ -69,7 +69,7 @@ def add_arguments(parser) -> None:
 
 
 def _check_args(args) -> None:
-    from .eval_kv import check_counts
+    from .kv_settings import check_counts
 
     check_counts(args)
     if any(n < 16 for n in args.lengths):
@@ -85,7 +85,7 @@ def _check_args(args) -> None:
 def build_trial(tokenizer, parts, hay: list[int], length: int, depth: float, code: int, args):
     """``(doc_ids, question_ids, needle_pos)`` of ``length`` tokens in all, the needle's first
     token at ``depth`` of the compressed region [sink, doc_len - buffer - needle)."""
-    from .eval_kv import encode
+    from .kv_harness import encode
 
     pre, post = parts
     head = encode(tokenizer, pre + INTRO)
@@ -111,7 +111,7 @@ def build_trial(tokenizer, parts, hay: list[int], length: int, depth: float, cod
 
 def _haystacks(tokenizer, path, need: int, trials: int) -> list[list[int]]:
     """``need`` filler tokens per trial, from spread-out offsets of the file."""
-    from .eval_kv import encode
+    from .kv_harness import encode
 
     text = path.read_text(encoding="utf-8")
     want = need + _OFFSET * (trials - 1)
@@ -128,14 +128,8 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from .eval_cmd import _quiet_transformers, data_file
-    from .eval_kv import (
-        answer_rows,
-        chat_parts,
-        emit,
-        load_model,
-        parse_settings,
-        setting_errors,
-    )
+    from .kv_harness import answer_rows, chat_parts, emit, load_model, setting_errors
+    from .kv_settings import parse_settings
 
     _check_args(args)
     settings = parse_settings(args.settings)
