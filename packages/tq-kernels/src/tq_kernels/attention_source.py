@@ -555,7 +555,7 @@ _COMBINE_BODY = r"""
     const float v = a * o[slot * DV + d];
     if (s + 1 < S) packed += v; else dense += v;
   }
-  const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+  const float inv = l == 0.0f ? 0.0f : 1.0f / l;  // NaN scores stay NaN
   rot[tq_gid] = packed * inv;
   fp[tq_gid] = dense * inv;
 """
@@ -605,7 +605,7 @@ _FINISH_BODY = r"""
       const float v = a * o[slot * DV + d];
       if (s + 1 < S) packed += v; else dense += v;
     }
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    const float inv = l == 0.0f ? 0.0f : 1.0f / l;  // NaN scores stay NaN
     rot_sh[d] = packed * inv;
     fpv = dense * inv;
   }
