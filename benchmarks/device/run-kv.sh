@@ -8,11 +8,13 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 step() { echo "==== $*"; }
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   step pytest
-  timeout 300 python3 -m pytest -q -x -p no:cacheprovider packages/tq-kvcache/tests/test_fused_attention.py \
+  timeout 400 python3 -m pytest -q -p no:cacheprovider packages/tq-kvcache/tests/test_fused_attention.py \
     packages/tq-kernels/tests/test_attention_source.py ${EXTRA_TESTS:-} 2>&1 | tee "$OUT/pytest-kv.log" | tail -25
 fi
+if [ -n "${KV_ARGS:-}" ]; then
 step bench kv attention
-timeout ${KV_TIMEOUT:-300} python3 -m tq_cli bench kv --json --out "$OUT/kv-attention.json" ${KV_ARGS:-} >/dev/null
+timeout ${KV_TIMEOUT:-300} python3 -m tq_cli bench kv --json --out "$OUT/kv-attention.json" $KV_ARGS >/dev/null
+fi
 if [ -n "${MODEL_ARGS:-}" ]; then
   step bench kv model
   timeout ${MODEL_TIMEOUT:-300} python3 -m tq_cli bench kv --no-attention --json --out "$OUT/kv-model.json" $MODEL_ARGS >/dev/null

@@ -45,6 +45,12 @@ def _cat(a: mx.array | None, b: mx.array | None) -> mx.array | None:
     return mx.concatenate([a, b], axis=2)
 
 
+def _after(codes: dict, dependency: mx.array) -> dict:
+    """``codes`` whose evaluation waits for ``dependency`` (no copy: ``mx.depends``)."""
+    names = list(codes)
+    return dict(zip(names, mx.depends([codes[n] for n in names], [dependency])))
+
+
 def _length(x: mx.array | None) -> int:
     return 0 if x is None else x.shape[2]
 
@@ -149,7 +155,7 @@ class TurboQuantKVCache:
             self._build_codecs(keys, values)
         self._flush()
         self._append(keys, values)
-        return self._full_kv(keys.dtype, decode=keys.shape[2] <= DECODE_MAX_QUERIES)
+        return self._full_kv(keys.dtype, decode=keys.shape[2] <= DECODE_MAX_QUERIES, after=keys)
 
     def _append(self, keys: mx.array, values: mx.array):
         n = keys.shape[2]
@@ -204,11 +210,14 @@ class TurboQuantKVCache:
             {k: a[:, :, :n] for k, a in self._packed_v.items()},
         )
 
-    def _full_kv(self, dtype, decode: bool = False):
+    def _full_kv(self, dtype, decode: bool = False, after: mx.array | None = None):
         """Every token's keys and values, the packed ones dequantized, as lazy arrays. In
         decode the dequantized part is built once per change of the packed codes and reused:
         attention through the hook never evaluates it, so the per-token cost is two
-        concatenations instead of a dequantization graph per layer."""
+        concatenations instead of a dequantization graph per layer. In prefill the
+        dequantization is made to wait for ``after`` (this layer's new keys): it depends on
+        nothing else, and MLX would otherwise be free to run every layer's dequantization
+        up front and hold all of them in memory at once."""
         keys = self._sink_k
         values = self._sink_v
         if self._n_packed:
@@ -217,6 +226,8 @@ class TurboQuantKVCache:
                 dk, dv = hit[2], hit[3]
             else:
                 k_codes, v_codes = self.packed_codes()
+                if after is not None and not decode:
+                    k_codes, v_codes = (_after(c, after) for c in (k_codes, v_codes))
                 dk = self._k_codec.decode(k_codes).astype(dtype)
                 dv = self._v_codec.decode(v_codes).astype(dtype)
             # Kept only for decode: a prefill chunk evaluates it, and a kept evaluated copy
