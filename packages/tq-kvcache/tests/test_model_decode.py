@@ -49,7 +49,10 @@ def test_hooked_decode_equals_dequantized_attention(name, knobs, monkeypatch):
     assert len(calls) == 12 * 2, "decode did not attend from the packed codes"
     monkeypatch.setattr(TurboQuantKVCache, "uses_packed_attention", lambda self, n: False)
     reference = _decode(model, make_turboquant_cache(model, **knobs), prompt, 12)
-    np.testing.assert_allclose(np.array(packed), np.array(reference), atol=1e-4, rtol=1e-4)
+    # On a GPU the fused kernels (fast exp, float32 matmuls that may round through TF32)
+    # differ from the reference path in the fourth digit; on the CPU both are float32.
+    tol = 1e-4 if mx.default_device() == mx.cpu else 2e-3
+    np.testing.assert_allclose(np.array(packed), np.array(reference), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt_oss"])

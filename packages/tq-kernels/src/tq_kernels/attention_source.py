@@ -332,6 +332,8 @@ KEY_PARTS
       if (mn != TQ_NEG_INF) {
         alpha = tq_exp(m_run[r] - mn);
         p = tq_exp(s[r] - mn);
+      } else if (s[r] != s[r]) {
+        p = s[r];  // the max drops NaN scores; the sum keeps them, so the output is NaN
       }
       m_run[r] = mn;
       l_th[r] = l_th[r] * alpha + p;
