@@ -1,5 +1,5 @@
-"""The reference attention from packed codes equals dequantize-then-``mx.fast.scaled_dot_product_attention``
-(the fused kernels are compared with this reference in test_fused_attention.py)."""
+"""Reference attention from packed codes equals dequantize-then-SDPA (the fused kernels are
+compared with this reference in test_fused_attention.py)."""
 
 import mlx.core as mx
 import numpy as np
