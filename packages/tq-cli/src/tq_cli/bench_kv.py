@@ -22,6 +22,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .bench_kernels import _time_per_call
 from .table import format_table
 
 DEFAULT_CONTEXTS = (8192, 32768, 131072)
@@ -41,19 +42,6 @@ def parse_settings(text: str, sink: int = 128, buffer: int = 128) -> list[dict]:
         (setting,) = parse_eval_settings(item[:-4] if ref else item)
         out.append({"name": item, "knobs": setting.knobs(sink, buffer), "reference": ref})
     return out
-
-
-def _time_per_call(make_outputs, calls: int, repeats: int) -> float:
-    mx.eval(make_outputs(min(calls, 2)))
-    times = []
-    for _ in range(repeats + 1):
-        outs = make_outputs(calls)
-        mx.synchronize()
-        t0 = time.perf_counter()
-        mx.eval(outs)
-        mx.synchronize()
-        times.append((time.perf_counter() - t0) / calls)
-    return statistics.median(times[1:])
 
 
 def _copies(nbytes: int, calls: int) -> int:
@@ -79,6 +67,7 @@ def _per_step(step, copies: list, calls: int, repeats: int) -> float:
 
 def _context_rows(T, settings, heads, kv_heads, head_dim, calls, repeats) -> list[dict]:
     from mlx_lm.models.base import quantized_scaled_dot_product_attention
+    from tq_kernels import kernel_backend
     from tq_kvcache.attention import cache_attention, reference_cache_attention
     from tq_kvcache.fused_attention import fused_attention_enabled
 
@@ -125,9 +114,12 @@ def _context_rows(T, settings, heads, kv_heads, head_dim, calls, repeats) -> lis
         attend = reference_cache_attention if s["reference"] else cache_attention
         n = max(2, calls // 4) if s["reference"] else calls
         sec = _per_step(lambda c, f=attend: f(q, c, scale), caches, n, repeats)
+        name = s["name"]
         if not s["reference"] and not fused_attention_enabled():
-            raise RuntimeError("the fused KV attention kernels did not run (see the warning)")
-        rows.append((s["name"], sec, first.nbytes))
+            if kernel_backend() is not None and mx.default_device() == mx.gpu:
+                raise RuntimeError("the fused KV attention kernels did not run (see the warning)")
+            name += " (reference: no GPU)"
+        rows.append((name, sec, first.nbytes))
         del caches
     fp16, mlx4 = rows[0][1], rows[1][1]
     return [

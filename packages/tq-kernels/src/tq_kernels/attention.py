@@ -91,8 +91,8 @@ def split_plan(n_packed: int, heads: int) -> tuple[int, int]:
 
 
 @cache
-def _attend_kernel(layout: AttendLayout, backend: str):
-    name, header, body, inputs, outputs = attend_source(layout, backend)
+def _compiled(source: tuple, backend: str, row_contiguous: bool):
+    name, header, body, inputs, outputs = source
     make = mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel
     return make(
         name=name,
@@ -100,36 +100,24 @@ def _attend_kernel(layout: AttendLayout, backend: str):
         output_names=list(outputs),
         source=body,
         header=header,
-        ensure_row_contiguous=False,
+        ensure_row_contiguous=row_contiguous,
     )
+
+
+@cache
+def _attend_kernel(layout: AttendLayout, backend: str):
+    # Code arrays are views sliced to the tokens held: read through their strides.
+    return _compiled(attend_source(layout, backend), backend, False)
 
 
 @cache
 def _finish_kernel(layout: AttendLayout, backend: str):
-    name, header, body, inputs, outputs = finish_source(layout, backend)
-    make = mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel
-    return make(
-        name=name,
-        input_names=list(inputs),
-        output_names=list(outputs),
-        source=body,
-        header=header,
-        ensure_row_contiguous=True,
-    )
+    return _compiled(finish_source(layout, backend), backend, True)
 
 
 @cache
 def _combine_kernel(backend: str):
-    name, header, body, inputs, outputs = combine_source(backend)
-    make = mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel
-    return make(
-        name=name,
-        input_names=list(inputs),
-        output_names=list(outputs),
-        source=body,
-        header=header,
-        ensure_row_contiguous=True,
-    )
+    return _compiled(combine_source(backend), backend, True)
 
 
 def _layout(keys, values, rows, dk, dv, raw=False, kperm=False, vperm=False):
