@@ -2,14 +2,15 @@
 
 import pytest
 from tq_kernels.attention import KeyPart, ValuePart, _layout, split_plan
-from tq_kernels.attention_source import (
+from tq_kernels.attention_layout import (
     ATTEND_THREADS,
     AttendLayout,
     KeyPartLayout,
     ValuePartLayout,
-    attend_source,
-    combine_source,
+    value_positions,
 )
+from tq_kernels.attention_merge_source import combine_source, finish_source
+from tq_kernels.attention_source import attend_source
 
 LAYOUTS = {
     "k4v3": ((KeyPart(128, 4),), (ValuePart(128, 3, None, None, None),)),
@@ -71,8 +72,6 @@ def test_split_plan_covers_every_token_in_whole_tiles(n, heads):
 
 
 def test_value_positions_follow_the_parts():
-    from tq_kernels.attention_source import value_positions
-
     keys, values = LAYOUTS["k3.5v2.5"]
     layout, _ = _layout(keys, values, 1, 128, 128)
     # Two 64-wide parts: lane 5 owns coordinates 10, 11 of part 0 and 64 + 10, 64 + 11.
@@ -83,8 +82,6 @@ def test_value_positions_follow_the_parts():
 
 @pytest.mark.parametrize("name", ["k4v3", "k3.5v2.5"])
 def test_raw_query_sources_for_both_backends(name):
-    from tq_kernels.attention_source import finish_source
-
     keys, values = LAYOUTS[name]
     dk, dv = sum(p.width for p in keys), sum(p.width for p in values)
     perm = len(keys) > 1

@@ -13,16 +13,15 @@ from functools import cache
 
 import mlx.core as mx
 
-from .attention_source import (
+from .attention_layout import (
     ATTEND_THREADS,
     ROW_BUCKETS,
     AttendLayout,
     KeyPartLayout,
     ValuePartLayout,
-    attend_source,
-    combine_source,
-    finish_source,
 )
+from .attention_merge_source import combine_source, finish_source
+from .attention_source import attend_source
 from .backend import kernel_backend
 
 __all__ = [

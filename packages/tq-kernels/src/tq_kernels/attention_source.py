@@ -11,103 +11,30 @@ arXiv 2504.19874 Sec. 3 applied to attention):
   basis, so a lane reads only its own slice of a token's packed value. The last split holds
   the fp16 sink and tail tokens (original basis, causal within the tail). Each split writes
   its unnormalized output, running max and sum.
-- ``combine``: merges the splits of one (batch x head, row) into the normalized output of
-  the packed tokens (still rotated) and of the fp16 tokens, with GPT-OSS sink logits in the
-  denominator. The caller un-rotates the first once and adds the second.
+  its unnormalized output, running max and sum. The splits are merged by
+  :mod:`tq_kernels.attention_merge_source`; the raw-query prologue comes from
+  :mod:`tq_kernels.attention_rotation_source`.
 
 The kernel text depends on the codes layout (parts, widths, bits, key mode), so it is
-generated per layout from an :class:`AttendLayout`.
+generated per layout from an :class:`~tq_kernels.attention_layout.AttendLayout`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
-from dataclasses import dataclass
 
+from .attention_layout import (
+    ATTEND_THREADS,
+    AttendLayout,
+    KeyPartLayout,
+    ValuePartLayout,
+    value_positions,
+)
+from .attention_rotation_source import q_load_prepared, q_load_raw
 from .prelude import prelude, thread_ids
 
-__all__ = ["KeyPartLayout", "ValuePartLayout", "AttendLayout", "attend_source", "combine_source"]
-
-#: Threads per attend threadgroup, which is also the tokens per tile.
-ATTEND_THREADS = 256
-#: Query rows (GQA group x queries per head) buckets compiled.
-ROW_BUCKETS = (1, 2, 4, 8, 16)
-
-
-@dataclass(frozen=True)
-class KeyPartLayout:
-    """A TurboQuant instance over ``width`` key channels: ``bits`` mse bits (0: QJL only),
-    ``prod`` adds the 1-bit QJL sketch. The rotated query sits at ``qoff`` of the query row,
-    the sketched one at ``soff``."""
-
-    width: int
-    bits: int
-    prod: bool
-    qoff: int
-    soff: int
-
-
-@dataclass(frozen=True)
-class ValuePartLayout:
-    """A TurboQuant_mse instance over ``width`` value channels at ``bits`` bits, written at
-    ``off`` of the output row (rotated basis)."""
-
-    width: int
-    bits: int
-    off: int
-
-
-@dataclass(frozen=True)
-class AttendLayout:
-    keys: tuple[KeyPartLayout, ...]
-    values: tuple[ValuePartLayout, ...]
-    rows: int  # compiled query rows (a ROW_BUCKETS entry)
-    dq: int  # length of a packed-query row (rotated parts, then sketched parts)
-    dk: int  # head_dim of keys
-    dv: int  # head_dim of values
-    #: The kernels take the model's raw queries and rotate them (and un-rotate the output)
-    #: themselves: mse keys only, every part one power-of-two Hadamard block.
-    raw: bool = False
-    kperm: bool = False  # raw mode: keys' outlier-channel permutation (fractional bits)
-    vperm: bool = False
-
-    def __post_init__(self):
-        if self.rows not in ROW_BUCKETS:
-            raise ValueError(f"rows must be one of {ROW_BUCKETS}, got {self.rows}")
-        for p in (*self.keys, *self.values):
-            if p.width % 32:
-                raise ValueError(f"part widths must be multiples of 32, got {p.width}")
-        if self.dv % 32 or self.dk % 32 or self.dv > ATTEND_THREADS:
-            raise ValueError(
-                f"head dims must be multiples of 32 up to 256, got {self.dk}/{self.dv}"
-            )
-
-        if self.raw and any(p.prod or p.width & (p.width - 1) for p in self.keys):
-            raise ValueError("raw queries need mse keys in power-of-two parts")
-
-    def input_names(self) -> tuple[str, ...]:
-        names = ["q", "params", "counts"] if self.raw else ["q", "qf", "counts"]
-        for i, p in enumerate(self.keys):
-            if p.bits:
-                names += [f"k{i}_idx", f"k{i}_norm", f"k{i}_cb"]
-            if p.prod:
-                names += [f"k{i}_sgn", f"k{i}_rnorm"]
-            if self.raw:
-                names += [f"k{i}_signs"]
-        if self.kperm:
-            names += ["kperm"]
-        for j, p in enumerate(self.values):
-            names += [f"v{j}_idx", f"v{j}_norm", f"v{j}_cb"]
-        return (*names, "sink_k", "sink_v", "tail_k", "tail_v")
-
-    def tag(self) -> str:
-        return hashlib.sha1(repr(self).encode()).hexdigest()[:12]
-
-    @property
-    def codebook_floats(self) -> int:
-        return sum(1 << p.bits for p in (*self.keys, *self.values) if p.bits) or 1
+__all__ = ["attend_source"]
 
 
 _AT = re.compile(r"TQ_AT\((\w+), (\w+)\)")
@@ -391,17 +318,6 @@ VALUE_PARTS
 """
 
 
-def value_positions(layout: AttendLayout) -> list[tuple[int, int]]:
-    """(mul, add) per value accumulator e of a lane: in a packed split, accumulator e of lane
-    ``lane`` holds output coordinate ``lane * mul + add`` of the rotated basis (part p's
-    ``width/32`` coordinates of that lane, parts in order)."""
-    out = []
-    for p in layout.values:
-        c = p.width // 32
-        out += [(c, p.off + e) for e in range(c)]
-    return out
-
-
 def _out_pos(layout: AttendLayout) -> tuple[str, str]:
     """(expression, declarations) of the output coordinate of accumulator ``e``: the fp split
     holds coordinates lane*VC + e (original basis), packed splits their parts' slices."""
@@ -413,73 +329,6 @@ def _out_pos(layout: AttendLayout) -> tuple[str, str]:
         f"  const int tq_vadd[{len(pos)}] = {{{', '.join(str(a) for _, a in pos)}}};\n"
     )
     return "(fp ? (lane * VC + e) : (lane * tq_vmul[e] + tq_vadd[e]))", decl
-
-
-_Q_LOAD_PREPARED = r"""
-  {
-    const int qw = fp ? DK : DQ;
-    TQ_TGPTR float* qs = (TQ_TGPTR float*)q_sh4;
-    for (int i = (int)tq_tid; i < R * qw; i += NT)
-      qs[i] = fp ? qf[(size_t)bh * R * DK + i] : q[(size_t)bh * R * DQ + i];
-  }
-"""
-
-
-def _fwht(buf: str, base: str, width: int, rows: str, stride: str, threads: str) -> str:
-    """In-place orthonormal-free Walsh-Hadamard butterflies (natural order, as
-    ``mx.hadamard_transform``) over ``rows`` segments ``buf[r * stride + base + 0..width)``."""
-    half = width // 2
-    return f"""
-      for (int hh = 1; hh < {width}; hh <<= 1) {{
-        for (int i = (int)tq_tid; i < {rows} * {half}; i += {threads}) {{
-          const int r = i / {half};
-          const int k = i - r * {half};
-          const int j = (k / hh) * 2 * hh + (k % hh);
-          const int at = r * {stride} + {base} + j;
-          const float a = {buf}[at];
-          const float c = {buf}[at + hh];
-          {buf}[at] = a + c;
-          {buf}[at + hh] = a - c;
-        }}
-        TQ_BARRIER();
-      }}"""
-
-
-def _q_load_raw(layout: AttendLayout) -> str:
-    """The queries of this (batch, KV head), scaled; in packed splits also permuted, signed
-    and Hadamard-transformed per key part (R = H diag(signs), DESIGN.md), in shared memory.
-    Row r of the head is query head h * rep + r / L, query r % L: with the model's
-    (B, Hq, L, D) layout that is row bh * RR + r of a (B * H * RR, D) view."""
-    lines = [
-        "  {",
-        "    TQ_TGPTR float* qs = (TQ_TGPTR float*)q_sh4;",
-        "    const float qscale = params[0];",
-        "    const int RR = counts[5];",
-        "    if (fp) {",
-        "      for (int i = (int)tq_tid; i < R * DK; i += NT) {",
-        "        const int r = i / DK;",
-        "        const int d = i - r * DK;",
-        "        qs[i] = r < RR ? qscale * tq_float(q[((size_t)bh * RR + r) * DK + d]) : 0.0f;",
-        "      }",
-        "    } else {",
-    ]
-    for i, p in enumerate(layout.keys):
-        chan = f"kperm[h * DK + {p.qoff} + j]" if layout.kperm else f"{p.qoff} + j"
-        norm = 1.0 / math.sqrt(p.width)
-        lines += [
-            f"      for (int i = (int)tq_tid; i < R * {p.width}; i += NT) {{",
-            f"        const int r = i / {p.width};",
-            f"        const int j = i - r * {p.width};",
-            f"        const int c = {chan};",
-            f"        qs[r * DQ + {p.qoff} + j] = r < RR ? qscale * {norm!r}f * k{i}_signs[j] *",
-            "            tq_float(q[((size_t)bh * RR + r) * DK + c]) : 0.0f;",
-            "      }",
-        ]
-    lines.append("      TQ_BARRIER();")
-    for p in layout.keys:
-        lines.append(_fwht("qs", str(p.qoff), p.width, "R", "DQ", "NT"))
-    lines += ["    }", "  }"]
-    return "\n".join(lines)
 
 
 def attend_source(layout: AttendLayout, backend: str):
@@ -510,7 +359,7 @@ def attend_source(layout: AttendLayout, backend: str):
         _ATTEND_BODY.replace("KEY_PARTS", "\n".join(key_code))
         .replace("VALUE_PARTS", "\n".join(value_code))
         .replace("CB_LOADS", "\n".join(cb_loads))
-        .replace("Q_LOAD", _q_load_raw(layout) if layout.raw else _Q_LOAD_PREPARED)
+        .replace("Q_LOAD", q_load_raw(layout) if layout.raw else q_load_prepared)
         .replace("OUT_POS", _out_pos(layout)[0])
         .replace("HEADS_OF", f"{probe}_shape[1]")
         .replace("NPACKED_OF", f"{probe}_shape[2]")
@@ -529,120 +378,4 @@ def attend_source(layout: AttendLayout, backend: str):
         thread_ids(backend) + consts + _expand_offsets(body),
         layout.input_names(),
         ("o", "ml"),
-    )
-
-
-_COMBINE_BODY = r"""
-  // One thread per (batch x head, row, coordinate): merge the splits' partial softmaxes.
-  const int S = ml_shape[1];                  // packed splits + the fp split
-  const int R = ml_shape[2];
-  const int DV = o_shape[3];
-  const size_t total = (size_t)ml_shape[0] * R * DV;
-  if (tq_gid >= total) return;
-  const int d = (int)(tq_gid % DV);
-  const size_t br = tq_gid / DV;              // (bh, r)
-  const int r = (int)(br % R);
-  const size_t bh = br / R;
-  const int h = (int)(bh % (size_t)sinks_shape[0]);
-  float m = sinks[h * R + r];                 // -inf where the model has no sinks
-  for (int s = 0; s < S; ++s) m = tq_fmax(m, ml[((bh * S + s) * R + r) * 2]);
-  float l = m == TQ_NEG_INF ? 0.0f : tq_exp(sinks[h * R + r] - m);
-  float packed = 0.0f;
-  float dense = 0.0f;
-  for (int s = 0; s < S; ++s) {
-    const size_t slot = (bh * S + s) * R + r;
-    const float ms = ml[slot * 2];
-    const float a = ms == TQ_NEG_INF ? 0.0f : tq_exp(ms - m);
-    l += a * ml[slot * 2 + 1];
-    const float v = a * o[slot * DV + d];
-    if (s + 1 < S) packed += v; else dense += v;
-  }
-  const float inv = l == 0.0f ? 0.0f : 1.0f / l;  // NaN scores stay NaN
-  rot[tq_gid] = packed * inv;
-  fp[tq_gid] = dense * inv;
-"""
-
-
-def combine_source(backend: str):
-    """(name, header, body, input names, output names) of the combine kernel."""
-    return (
-        f"tq_kv_combine_{backend}",
-        prelude(backend),
-        thread_ids(backend) + _COMBINE_BODY,
-        ("o", "ml", "sinks"),
-        ("rot", "fp"),
-    )
-
-
-_FINISH_BODY = r"""
-  // One threadgroup per (row r, batch x head bh): merge the splits, un-rotate the packed
-  // tokens' share once (Hadamard per value part, signs, outlier permutation), add the fp16
-  // tokens' share and write the model's (B, Hq, L, Dv) output.
-  TQ_SHARED float rot_sh[DV];
-  TQ_SHARED float out_sh[DV];
-  const int r = tq_bx;
-  const int bh = tq_by;
-  const int L = counts[3];
-  const int RR = counts[5];
-  const int H = counts[6];
-  const int h = bh % H;
-  const int S = ml_shape[1];
-  const int RB = ml_shape[2];
-  const int d = (int)tq_tid;
-  float m = TQ_NEG_INF;
-  float sink = TQ_NEG_INF;
-  if (counts[7]) sink = sinks[h * (RR / L) + r / L];
-  float fpv = 0.0f;
-  if (d < DV) {
-    m = sink;
-    for (int s = 0; s < S; ++s) m = tq_fmax(m, ml[(((size_t)bh * S + s) * RB + r) * 2]);
-    float l = (m == TQ_NEG_INF || sink == TQ_NEG_INF) ? 0.0f : tq_exp(sink - m);
-    float packed = 0.0f;
-    float dense = 0.0f;
-    for (int s = 0; s < S; ++s) {
-      const size_t slot = ((size_t)bh * S + s) * RB + r;
-      const float ms = ml[slot * 2];
-      const float a = ms == TQ_NEG_INF ? 0.0f : tq_exp(ms - m);
-      l += a * ml[slot * 2 + 1];
-      const float v = a * o[slot * DV + d];
-      if (s + 1 < S) packed += v; else dense += v;
-    }
-    const float inv = l == 0.0f ? 0.0f : 1.0f / l;  // NaN scores stay NaN
-    rot_sh[d] = packed * inv;
-    fpv = dense * inv;
-  }
-  TQ_BARRIER();
-VALUE_FWHT
-  if (d < DV) {
-UNROTATE
-  }
-  TQ_BARRIER();
-  if (d < DV) out[((size_t)bh * RR + r) * DV + d] = tq_cast<T>(out_sh[d] + fpv);
-"""
-
-
-def finish_source(layout: AttendLayout, backend: str):
-    """(name, header, body, input names, output names) of the raw-mode finishing kernel."""
-    fwht = [_fwht("rot_sh", str(p.off), p.width, "1", "0", "NTF") for p in layout.values]
-    unrot = []
-    for j, p in enumerate(layout.values):
-        chan = f"vperm[h * DV + {p.off} + j]" if layout.vperm else f"{p.off} + j"
-        norm = 1.0 / math.sqrt(p.width)
-        unrot += [
-            f"    if (d >= {p.off} && d < {p.off + p.width}) {{",
-            f"      const int j = d - {p.off};",
-            f"      out_sh[{chan}] = {norm!r}f * v{j}_signs[j] * rot_sh[d];",
-            "    }",
-        ]
-    body = _FINISH_BODY.replace("VALUE_FWHT", "\n".join(fwht)).replace("UNROTATE", "\n".join(unrot))
-    consts = f"  const int DV = {layout.dv};\n  const int NTF = {ATTEND_THREADS};\n"
-    names = ["o", "ml", "sinks", "counts"] + [f"v{j}_signs" for j in range(len(layout.values))]
-    if layout.vperm:
-        names.append("vperm")
-    return (
-        f"tq_kv_finish_{layout.tag()}_{backend}",
-        prelude(backend),
-        thread_ids(backend) + consts + body,
-        tuple(names),
-        ("out",),
     )

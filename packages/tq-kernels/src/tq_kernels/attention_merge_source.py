@@ -1,0 +1,136 @@
+"""Kernel text that merges the splits of the packed-KV attend kernel (CUDA and Metal).
+
+- ``combine`` (prepared mode): one thread per (batch x head, row, coordinate); writes the
+  packed tokens' share (still rotated) and the fp16 tokens' share, each normalized, with
+  GPT-OSS sink logits in the denominator; the caller un-rotates and adds.
+- ``finish`` (raw-query mode): one threadgroup per (row, batch x head); merges, un-rotates
+  the packed share once per value part, adds the fp16 share and writes the model's output.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .attention_layout import ATTEND_THREADS, AttendLayout
+from .attention_rotation_source import fwht
+from .prelude import prelude, thread_ids
+
+__all__ = ["combine_source", "finish_source"]
+
+
+_COMBINE_BODY = r"""
+  // One thread per (batch x head, row, coordinate): merge the splits' partial softmaxes.
+  const int S = ml_shape[1];                  // packed splits + the fp split
+  const int R = ml_shape[2];
+  const int DV = o_shape[3];
+  const size_t total = (size_t)ml_shape[0] * R * DV;
+  if (tq_gid >= total) return;
+  const int d = (int)(tq_gid % DV);
+  const size_t br = tq_gid / DV;              // (bh, r)
+  const int r = (int)(br % R);
+  const size_t bh = br / R;
+  const int h = (int)(bh % (size_t)sinks_shape[0]);
+  float m = sinks[h * R + r];                 // -inf where the model has no sinks
+  for (int s = 0; s < S; ++s) m = tq_fmax(m, ml[((bh * S + s) * R + r) * 2]);
+  float l = m == TQ_NEG_INF ? 0.0f : tq_exp(sinks[h * R + r] - m);
+  float packed = 0.0f;
+  float dense = 0.0f;
+  for (int s = 0; s < S; ++s) {
+    const size_t slot = (bh * S + s) * R + r;
+    const float ms = ml[slot * 2];
+    const float a = ms == TQ_NEG_INF ? 0.0f : tq_exp(ms - m);
+    l += a * ml[slot * 2 + 1];
+    const float v = a * o[slot * DV + d];
+    if (s + 1 < S) packed += v; else dense += v;
+  }
+  const float inv = l == 0.0f ? 0.0f : 1.0f / l;  // NaN scores stay NaN
+  rot[tq_gid] = packed * inv;
+  fp[tq_gid] = dense * inv;
+"""
+
+
+def combine_source(backend: str):
+    """(name, header, body, input names, output names) of the combine kernel."""
+    return (
+        f"tq_kv_combine_{backend}",
+        prelude(backend),
+        thread_ids(backend) + _COMBINE_BODY,
+        ("o", "ml", "sinks"),
+        ("rot", "fp"),
+    )
+
+
+_FINISH_BODY = r"""
+  // One threadgroup per (row r, batch x head bh): merge the splits, un-rotate the packed
+  // tokens' share once (Hadamard per value part, signs, outlier permutation), add the fp16
+  // tokens' share and write the model's (B, Hq, L, Dv) output.
+  TQ_SHARED float rot_sh[DV];
+  TQ_SHARED float out_sh[DV];
+  const int r = tq_bx;
+  const int bh = tq_by;
+  const int L = counts[3];
+  const int RR = counts[5];
+  const int H = counts[6];
+  const int h = bh % H;
+  const int S = ml_shape[1];
+  const int RB = ml_shape[2];
+  const int d = (int)tq_tid;
+  float m = TQ_NEG_INF;
+  float sink = TQ_NEG_INF;
+  if (counts[7]) sink = sinks[h * (RR / L) + r / L];
+  float fpv = 0.0f;
+  if (d < DV) {
+    m = sink;
+    for (int s = 0; s < S; ++s) m = tq_fmax(m, ml[(((size_t)bh * S + s) * RB + r) * 2]);
+    float l = (m == TQ_NEG_INF || sink == TQ_NEG_INF) ? 0.0f : tq_exp(sink - m);
+    float packed = 0.0f;
+    float dense = 0.0f;
+    for (int s = 0; s < S; ++s) {
+      const size_t slot = ((size_t)bh * S + s) * RB + r;
+      const float ms = ml[slot * 2];
+      const float a = ms == TQ_NEG_INF ? 0.0f : tq_exp(ms - m);
+      l += a * ml[slot * 2 + 1];
+      const float v = a * o[slot * DV + d];
+      if (s + 1 < S) packed += v; else dense += v;
+    }
+    const float inv = l == 0.0f ? 0.0f : 1.0f / l;  // NaN scores stay NaN
+    rot_sh[d] = packed * inv;
+    fpv = dense * inv;
+  }
+  TQ_BARRIER();
+VALUE_FWHT
+  if (d < DV) {
+UNROTATE
+  }
+  TQ_BARRIER();
+  if (d < DV) out[((size_t)bh * RR + r) * DV + d] = tq_cast<T>(out_sh[d] + fpv);
+"""
+
+
+def finish_source(layout: AttendLayout, backend: str):
+    """(name, header, body, input names, output names) of the raw-mode finishing kernel."""
+    butterflies = [fwht("rot_sh", str(p.off), p.width, "1", "0", "NTF") for p in layout.values]
+    unrot = []
+    for j, p in enumerate(layout.values):
+        chan = f"vperm[h * DV + {p.off} + j]" if layout.vperm else f"{p.off} + j"
+        norm = 1.0 / math.sqrt(p.width)
+        unrot += [
+            f"    if (d >= {p.off} && d < {p.off + p.width}) {{",
+            f"      const int j = d - {p.off};",
+            f"      out_sh[{chan}] = {norm!r}f * v{j}_signs[j] * rot_sh[d];",
+            "    }",
+        ]
+    body = _FINISH_BODY.replace("VALUE_FWHT", "\n".join(butterflies)).replace(
+        "UNROTATE", "\n".join(unrot)
+    )
+    consts = f"  const int DV = {layout.dv};\n  const int NTF = {ATTEND_THREADS};\n"
+    names = ["o", "ml", "sinks", "counts"] + [f"v{j}_signs" for j in range(len(layout.values))]
+    if layout.vperm:
+        names.append("vperm")
+    return (
+        f"tq_kv_finish_{layout.tag()}_{backend}",
+        prelude(backend),
+        thread_ids(backend) + consts + body,
+        tuple(names),
+        ("out",),
+    )
