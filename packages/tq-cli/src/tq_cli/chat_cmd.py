@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from .console_input import read_message
 from .main import CommandError
+from .model_options import add_model_arguments
 
 HELP = """commands:
   /help   this help
@@ -23,12 +25,9 @@ DEFAULT_K_BITS, DEFAULT_V_BITS = 4, 3
 def add_arguments(parser) -> None:
     from .kv_options import add_kv_arguments
 
-    parser.add_argument(
-        "--model",
-        metavar="PATH|HF-ID",
-        help="TurboQuant checkpoint or float model (default: SmolLM2-135M-Instruct)",
+    add_model_arguments(
+        parser, "TurboQuant checkpoint or float model (default: SmolLM2-135M-Instruct)"
     )
-    parser.add_argument("--preset", help="recipe for converting a float model (default tq4)")
     parser.add_argument("--system-prompt", help="system message for the chat template")
     parser.add_argument("--max-tokens", "-m", type=int, default=256, help="per reply")
     parser.add_argument("--temp", type=float, default=0.0, help="0 = greedy (default)")
@@ -267,17 +266,9 @@ def run(args) -> int:
             import readline  # noqa: F401 - line editing and history for input()
         except ImportError:
             pass
-    while True:
-        if interactive:
-            print(">> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line:
-            break
-        line = line.strip()
+    while (line := read_message(interactive)) is not None:
         if not line:
             continue
-        if line in ("/quit", "/exit", "/q"):
-            break
         if line == "/help":
             print(HELP, file=sys.stderr, flush=True)
             continue

@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from .console_input import read_message
 from .distributed_options import (
     check_distributed_arguments,
     finish_together,
@@ -285,15 +286,7 @@ def chat(model, tokenizer, args, sampler, use_template: bool, system: list[dict]
         "tq chat: one message a line; /reset clears the history, /quit or EOF ends", file=sys.stderr
     )
     messages = list(system)
-    while True:
-        if interactive:
-            print(">> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line:
-            break
-        line = line.strip()
-        if line in ("/quit", "/exit", "/q"):
-            break
+    while (line := read_message(interactive)) is not None:
         if line == "/reset":
             messages = list(system)
             continue
