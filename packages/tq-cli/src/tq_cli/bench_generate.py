@@ -34,7 +34,7 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--contexts",
-        type=_int_list,
+        type=_context_list,
         default=DEFAULT_CONTEXTS,
         help="prompt lengths in tokens (default 1K..128K, as far as the model allows)",
     )
@@ -61,7 +61,8 @@ def add_arguments(parser) -> None:
     add_kv_arguments(parser)
 
 
-def _int_list(text: str) -> list[int]:
+def _context_list(text: str) -> list[int]:
+    """Token counts, each an integer or with a K suffix (4K = 4096)."""
     import argparse
 
     try:

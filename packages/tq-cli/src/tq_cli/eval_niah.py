@@ -40,8 +40,8 @@ def _float_list(text: str) -> list[float]:
 
 
 def add_arguments(parser) -> None:
+    from .bench_cli import int_list as _int_list
     from .kv_settings import add_setting_arguments
-    from .main import _int_list
 
     add_setting_arguments(parser, default=DEFAULT_SETTINGS)
     parser.add_argument(
