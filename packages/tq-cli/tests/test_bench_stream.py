@@ -4,7 +4,7 @@ give the resident run's tokens, and bad arguments are one-line errors."""
 import json
 
 import pytest
-from tq_cli import bench_stream, main
+from tq_cli import bench_stream, bench_stream_checkpoint, main
 
 
 def test_tiny_benchmark_json(tmp_path, capsys):
@@ -22,7 +22,7 @@ def test_tiny_benchmark_json(tmp_path, capsys):
     assert sizes["expert_bytes"] + sizes["non_expert_bytes"] == sizes["tensor_bytes"]
     assert 0 < sizes["non_expert_bytes"] < sizes["expert_bytes"]
     assert result["budget_bytes"] == int(0.25 * sizes["expert_bytes"])
-    assert result["model"]["num_hidden_layers"] >= bench_stream.MIN_LAYERS
+    assert result["model"]["num_hidden_layers"] >= bench_stream_checkpoint.MIN_LAYERS
     assert result["sequential_read"]["bytes"] == sizes["file_bytes"]
     assert result["sequential_read"]["gb_per_s"] > 0
     assert result["baseline_process"]["peak_rss_bytes"] > 0
