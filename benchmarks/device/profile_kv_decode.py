@@ -37,7 +37,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--json")
     args = ap.parse_args()
-    model = bench_kv._random_model(args.model_dir)
+    model = bench_kv.random_model(args.model_dir)
     settings = bench_kv.parse_settings(args.settings)
     prompt = mx.random.randint(0, 1000, (args.context,))
     out = []

@@ -168,7 +168,7 @@ def _bench_kv(args: argparse.Namespace) -> int:
             args.repeats,
         )
     if args.model:
-        model = bench_kv._random_model(args.model)
+        model = bench_kv.random_model(args.model)
         result["model"] = bench_kv.model_rows(
             model,
             args.model_contexts,

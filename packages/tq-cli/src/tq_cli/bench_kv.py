@@ -144,20 +144,12 @@ def attention_rows(contexts, settings, heads=32, kv_heads=8, head_dim=128, calls
     return rows
 
 
-def _random_model(model_dir: str):
-    from mlx.utils import tree_map
-    from mlx_lm.utils import load_config
-    from tq_core.lm.load import build_model
+def random_model(model_dir: str):
+    """``model_dir``'s architecture with random float weights (fp16 on a GPU): speed and
+    memory do not depend on their values."""
+    from .bench_generate_model import random_model as build
 
-    mx.random.seed(0)
-    model = build_model(load_config(Path(model_dir)))
-    model.update(
-        tree_map(
-            lambda p: (0.02 * mx.random.normal(p.shape)).astype(mx.float16), model.parameters()
-        )
-    )
-    mx.eval(model.parameters())
-    return model
+    return build(Path(model_dir).expanduser(), "fp16")[0]
 
 
 def _make_cache(model, kind: str, setting: dict | None):
