@@ -24,7 +24,7 @@ GROUP = 64
 _MIN_BYTES_IN_FLIGHT = 256 * 2**20  # several times the H100's 50 MB L2
 
 
-def _time_per_call(make_outputs, calls: int, repeats: int) -> float:
+def time_per_call(make_outputs, calls: int, repeats: int) -> float:
     """Median seconds per call of ``make_outputs(calls)`` (a list of lazy arrays)."""
     mx.eval(make_outputs(min(calls, 4)))  # compile kernels, warm allocators
     times = []
@@ -68,7 +68,7 @@ def _dense_rows(n: int, k: int, calls: int, repeats: int, rows: int) -> list[dic
     out = []
 
     def measure(name, bits, weights, fn, nbytes):
-        sec = _time_per_call(
+        sec = time_per_call(
             lambda c: [fn(weights[i % len(weights)]) for i in range(c)], calls, repeats
         )
         out.append(
@@ -128,7 +128,7 @@ def _moe_rows(calls: int, repeats: int) -> list[dict]:
     shape = f"moe {e}x{n}x{k} top{top}"
 
     def measure(name, bits, weights, fn, nbytes_per_expert):
-        sec = _time_per_call(
+        sec = time_per_call(
             lambda c: [fn(weights[i % len(weights)], idx[i]) for i in range(c)], calls, repeats
         )
         nbytes = nbytes_per_expert * top
@@ -201,7 +201,7 @@ def _prefill_rows(calls: int, repeats: int) -> list[dict]:
         for name, fn in ways.items():
             if name == "tq_chunked_matvec" and rows > 64:
                 continue
-            sec = _time_per_call(lambda c, fn=fn: [fn() for _ in range(c)], calls // 4, repeats)
+            sec = time_per_call(lambda c, fn=fn: [fn() for _ in range(c)], calls // 4, repeats)
             out.append({"rows": rows, "kind": name, "us_per_call": sec * 1e6})
     return out
 
@@ -253,7 +253,7 @@ def _sweep_rows(calls: int, repeats: int, shapes=DENSE_SHAPES) -> list[dict]:
 def _time_matvec(x, codes, sign_bits, cfg, calls: int, repeats: int) -> float:
     from tq_kernels import rotating_matvec
 
-    return _time_per_call(
+    return time_per_call(
         lambda c: [
             rotating_matvec(x, codes[i % len(codes)], sign_bits, GROUP, config=cfg)
             for i in range(c)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .bench_kernels import _time_per_call
+from .bench_kernels import time_per_call
 from .table import format_table
 
 DEFAULT_CONTEXTS = (8192, 32768, 131072)
@@ -60,7 +60,7 @@ def _tq_cache(keys, values, knobs):
 
 def _per_step(step, copies: list, calls: int, repeats: int) -> float:
     """Seconds per ``step(copy)``, cycling over ``copies`` (so they do not sit in L2)."""
-    return _time_per_call(
+    return time_per_call(
         lambda c: [step(copies[i % len(copies)]) for i in range(c)], calls, repeats
     )
 
