@@ -62,7 +62,7 @@ def decode_run(model, tokenizer, tokens: int) -> dict:
         "decode_tps": last.generation_tps,
         "prompt_tps": last.prompt_tps,
         "generated": last.generation_tokens,
-        "peak_gb": last.peak_memory,
+        "process_peak_gb": last.peak_memory,  # all variants stay loaded: process-wide
     }
 
 
@@ -87,23 +87,36 @@ def main():
     tokenizer = load_tokenizer(args.model_dir)
     # Never stop early at EOS: every run decodes the same number of tokens.
     tokenizer._eos_token_ids = set()
+    variants = args.variants.split(",")
+    models = {v: make_model(config, v) for v in variants}
+
+    def mode(variant):
+        ref = variant.endswith("-ref")
+        return dispatch.reference_only() if ref else contextlib.nullcontext()
+
+    for v in variants:
+        with mode(v):
+            decode_run(models[v], tokenizer, 8)  # warmup (kernel compilation, allocations)
+    # Round-robin over the variants, so drift of a shared host's speed hits every variant
+    # alike rather than whichever ran during a slow spell.
+    runs = {v: [] for v in variants}
+    for _ in range(args.repeats):
+        for v in variants:
+            with mode(v):
+                runs[v].append(decode_run(models[v], tokenizer, args.tokens))
     rows = []
-    for variant in args.variants.split(","):
-        model = make_model(config, variant)
-        path = dispatch.reference_only() if variant.endswith("-ref") else contextlib.nullcontext()
-        with path:
-            decode_run(model, tokenizer, 8)  # warmup (kernel compilation, allocations)
-            runs = [decode_run(model, tokenizer, args.tokens) for _ in range(args.repeats)]
+    for variant in variants:
         fused = variant.startswith("tq") and not variant.endswith("-ref") and backend
+        rs = runs[variant]
         row = {
             "variant": variant,
             "fused_kernels": bool(fused),
             "device": str(mx.default_device()),
-            "weight_bytes": weight_bytes(model),
-            "decode_tps_median": statistics.median(r["decode_tps"] for r in runs),
-            "prompt_tps_median": statistics.median(r["prompt_tps"] for r in runs),
-            "peak_gb": max(r["peak_gb"] for r in runs),
-            "runs": runs,
+            "weight_bytes": weight_bytes(models[variant]),
+            "decode_tps_median": statistics.median(r["decode_tps"] for r in rs),
+            "prompt_tps_median": statistics.median(r["prompt_tps"] for r in rs),
+            "process_peak_gb": max(r["process_peak_gb"] for r in rs),
+            "runs": rs,
         }
         rows.append(row)
         print(
@@ -112,8 +125,6 @@ def main():
             f"{row['weight_bytes'] / 1e6:8.1f} MB",
             flush=True,
         )
-        del model
-        mx.clear_cache()
     base = {r["variant"]: r["decode_tps_median"] for r in rows}
     for r in rows:
         for ref in ("fp16", "affine4", "affine3", "tq4-ref", "tq3-ref"):
@@ -124,6 +135,7 @@ def main():
         "model_dir": args.model_dir,
         "tokens": args.tokens,
         "repeats": args.repeats,
+        "order": "round-robin over variants, after one warmup each",
         "kernel_backend": backend,
         "kernels_failed": sorted(dispatch._failed),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

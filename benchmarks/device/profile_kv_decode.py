@@ -59,8 +59,12 @@ def main():
         no_attn, tok = step_time(model, cache, tok, args.tokens)
         for mod, f in patched:
             mod.scaled_dot_product_attention = f
-        row = {"kind": kind, "step_ms": full, "no_attention_ms": no_attn,
-               "attention_ms": full - no_attn}
+        row = {
+            "kind": kind,
+            "step_ms": full,
+            "no_attention_ms": no_attn,
+            "attention_ms": full - no_attn,
+        }
         print(row, flush=True)
         out.append(row)
         del cache

@@ -281,3 +281,68 @@ def test_layers_rotating_path_matches_reference_path():
             assert rel_err(fused_lin, ref_lin.astype(mx.float32)) < TOL[dt]
             assert rel_err(fused_head, ref_head.astype(mx.float32)) < TOL[dt]
     assert not dispatch._failed
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("ns", [(300, 77), (2048, 512, 512), (5, 96, 1)])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_sibling_plan_equals_each_weight_alone(dtype, ns, rows):
+    from tq_core.rotation import make_rotation, rotate
+    from tq_kernels import rotating_matmul_plan
+
+    dt, k = DTYPES[dtype], 1536
+    codes = [random_codes((n, k), 3, 64, seed=i) for i, n in enumerate(ns)]
+    rot32 = make_rotation(k, seed=4, block=64)
+    rot = type(rot32)(rot32.dim, rot32.block, rot32.seed, rot32.signs.astype(dt))
+    x = mx.random.normal((1, rows, k), key=mx.random.key(rows)).astype(dt)
+    plan = rotating_matmul_plan(x, codes, rot)
+    assert plan is not None
+    for trial in range(2):  # the compiled launch replays on a new input
+        xt = x if trial == 0 else mx.random.normal(x.shape, key=mx.random.key(9)).astype(dt)
+        outs = plan(xt)
+        assert [o.shape for o in outs] == [(1, rows, n) for n in ns]
+        xr = rotate(xt.astype(mx.float32), rot32)
+        for out, c in zip(outs, codes):
+            assert out.dtype == dt
+            assert rel_err(out, reference(xr, c)) < TOL[dt]
+            alone = rotating_weight_matmul(xt, c, rot)
+            assert rel_err(out, alone.astype(mx.float32)) < 1e-6 + (0 if dt == mx.float32 else 1e-3)
+
+
+def test_sibling_plan_declines_mixed_weights():
+    from tq_core.rotation import make_rotation
+    from tq_kernels import rotating_matmul_plan
+
+    rot = make_rotation(512, block=64)
+    x = mx.ones((1, 512))
+    a, b = random_codes((64, 512), 3, 64), random_codes((64, 512), 4, 64)
+    assert rotating_matmul_plan(x, [a, b], rot) is None  # bits differ
+    assert rotating_matmul_plan(x, [a, a, a, a], rot) is None  # more than 3
+    assert rotating_matmul_plan(mx.ones((3, 512)), [a], rot) is None  # 3 rows
+
+
+def test_llama_decode_with_sibling_groups_matches_reference_path():
+    from mlx_lm.models import llama
+    from tq_core import QuantRecipe, quantize_model
+    from tq_core.siblings import SiblingGroup
+
+    register_all()
+    args = llama.ModelArgs(
+        model_type="llama", hidden_size=512, num_hidden_layers=2, intermediate_size=1536,
+        num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=300,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    mx.random.seed(0)
+    model = llama.Model(args)
+    quantize_model(model, QuantRecipe(bits=3, group_size=64))
+    model.set_dtype(mx.float16)
+    assert isinstance(model.model.layers[0].self_attn.q_proj.__dict__["_siblings"], SiblingGroup)
+    for tok in ([[3]], [[4]], [[4], [9]]):
+        t = mx.array(tok)
+        fused = model(t)
+        with dispatch.reference_only():
+            ref = model(t)
+        assert rel_err(fused, ref.astype(mx.float32)) < 1e-2
+    group = model.model.layers[0].mlp.gate_proj.__dict__["_siblings"]
+    assert any(e.plan is not None for e in group.plans.entries.values())  # the fused plan ran
+    assert not dispatch._failed

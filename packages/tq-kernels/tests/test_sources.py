@@ -95,3 +95,31 @@ def test_register_all_fills_tq_core_dispatch():
     finally:
         dispatch._kernels.clear()
         dispatch._kernels.update(saved)
+
+
+@pytest.mark.parametrize("segments", [2, 3])
+@pytest.mark.parametrize("rotate", [False, True])
+def test_sibling_matvec_source_for_both_backends(segments, rotate):
+    cuda, metal = (
+        kernel_source("matvec", b, rotate=rotate, segments=segments) for b in ("cuda", "metal")
+    )
+    strip = lambda s: s.split("tq_gid")[-1].split("\n", 1)[1]  # noqa: E731
+    assert strip(cuda.body) == strip(metal.body)
+    assert cuda.input_names == metal.input_names
+    assert cuda.input_names[-2:] == (f"w{segments - 1}", f"scales{segments - 1}")
+    assert cuda.output_names == ("out", "out1", "out2")[:segments]
+    # Every weight is read by exactly one branch, each writing its own output.
+    for i in range(segments):
+        s = str(i) if i else ""
+        assert cuda.body.count(f"w{s}, scales{s}, w{s}, scales{s}") == 1
+        assert f"out{s},\n" in cuda.body
+    assert cuda.name != kernel_source("matvec", "cuda", rotate=rotate).name
+
+
+def test_sibling_matvec_limits():
+    with pytest.raises(ValueError, match="segments"):
+        kernel_source("matvec", "cuda", segments=4)
+    with pytest.raises(ValueError, match="segments"):
+        kernel_source("matvec", "cuda", qjl=True, segments=2)
+    with pytest.raises(ValueError, match="segments"):
+        kernel_source("gather_matvec", "cuda", segments=2)

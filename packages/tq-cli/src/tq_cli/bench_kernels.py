@@ -60,7 +60,7 @@ def _random_tq(shape, bits: int, seed: int):
 
 def _dense_rows(n: int, k: int, calls: int, repeats: int, rows: int) -> list[dict]:
     from tq_core.rotation import Rotation, make_rotation
-    from tq_kernels import rotating_weight_matmul, weight_matmul
+    from tq_kernels import rotating_matmul_plan, weight_matmul
 
     x = mx.random.normal((rows, k)).astype(mx.float16)
     r = make_rotation(k, seed=0, block=GROUP)
@@ -108,8 +108,10 @@ def _dense_rows(n: int, k: int, calls: int, repeats: int, rows: int) -> list[dic
         nb = _nbytes(codes[0].indices, codes[0].scales)
         codes += [_random_tq((n, k), b, seed=i) for i in range(1, _copies(nb, calls))]
         measure("turboquant", b, codes, lambda c: weight_matmul(x, c), nb)
-        # The decode path: the kernel rotates the raw activation itself (span 64).
-        measure("turboquant+rot", b, codes, lambda c: rotating_weight_matmul(x, c, rot), nb)
+        # The decode path, as a layer runs it: a plan per weight (built once, its launch
+        # compiled) whose kernel rotates the raw activation itself (span 64).
+        plans = [rotating_matmul_plan(x, [c], rot) for c in codes]
+        measure("turboquant+rot", b, plans, lambda p: p(x)[0], nb)
         del codes
     return out
 

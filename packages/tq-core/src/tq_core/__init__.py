@@ -32,6 +32,7 @@ from .sharded_linear import (
     shard_inplace,
     shard_linear,
 )
+from .siblings import group_siblings
 from .switch_linear import TurboQuantSwitchLinear
 from .weights import (
     GROUP_SIZES,
@@ -65,6 +66,7 @@ __all__ = [
     "apply_plan",
     "dequantize_weight",
     "dequantize_weight_rotated",
+    "group_siblings",
     "layer_kind",
     "load_weights",
     "plan_layers",

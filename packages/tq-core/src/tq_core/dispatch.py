@@ -13,9 +13,13 @@ rotated once more by its sketch, both present or both ``None``):
 
 - ``"weight_matmul"``: ``fn(x_rot (..., in), codes: QuantizedWeight (out, in), qjl, x_sketch)``
   returns ``x_rot @ W_rot.T`` of shape ``(..., out)`` in ``x_rot.dtype``.
-- ``"rotating_weight_matmul"``: ``fn(x (..., in), codes (out, in), rotation: Rotation)``
-  returns ``rotate(x, rotation) @ W_rot.T``: the kernel rotates the activation itself
-  (decode, where a separate rotation costs more launches than it saves). ``rotation.signs``
+- ``"rotating_matmul_plan"``: ``fn(x (..., in), codes: list of 1-3 QuantizedWeight (out_i, in)
+  sharing ``in``, bits and group size, rotation: Rotation)`` returns a *plan*: a callable
+  ``plan(x2) -> [rotate(x2, rotation) @ W_i.T for each codes]`` for any ``x2`` of x's shape
+  and dtype, with the weights bound, or ``None``. The kernel rotates the activation itself
+  and serves sibling projections that read the same input (q/k/v, gate/up) in one launch;
+  a plan is built once per shape and reused every decode step, so a step pays one lookup
+  per projection instead of the checks of every call (decode_plan.py). ``rotation.signs``
   is in ``x.dtype``. Layers without QJL try it first, then ``weight_matmul``.
 - ``"weight_gather_matmul"``: ``fn(x_rot, codes (E, out, in), expert_indices,
   sorted_indices, qjl, x_sketch)`` returns what
@@ -33,13 +37,21 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib.metadata import entry_points
 
-OPS = ("weight_matmul", "rotating_weight_matmul", "weight_gather_matmul")
+OPS = ("weight_matmul", "rotating_matmul_plan", "weight_gather_matmul")
 ENTRY_POINT_GROUP = "tq_core.kernels"
 
 _kernels: dict[str, Callable] = {}
 _failed: set[str] = set()
 _providers_loaded = False
 _forced_reference = 0
+# Bumped whenever what a call would run can change (registration, failure, reference_only),
+# so cached plans (decode_plan.py) know to rebuild.
+_generation = 0
+
+
+def _changed() -> None:
+    global _generation
+    _generation += 1
 
 
 def register_kernel(op: str, fn: Callable) -> None:
@@ -50,10 +62,12 @@ def register_kernel(op: str, fn: Callable) -> None:
         raise TypeError(f"kernel for {op!r} must be callable, got {type(fn).__name__}")
     _kernels[op] = fn
     _failed.discard(op)
+    _changed()
 
 
 def unregister_kernel(op: str) -> None:
     _kernels.pop(op, None)
+    _changed()
 
 
 def _load_providers() -> None:
@@ -78,6 +92,14 @@ def kernels_enabled() -> bool:
     return _forced_reference == 0 and os.environ.get("TQ_KERNELS", "1") != "0"
 
 
+def generation() -> int:
+    """A number that changes whenever registrations, failures or :func:`reference_only`
+    change what a call would run. Cached plans (decode_plan.py) hold while it and the
+    default device stay the same; ``TQ_KERNELS`` is read when a plan is built, so set it
+    before the process starts (within a process, use :func:`reference_only`)."""
+    return _generation
+
+
 def registered_kernel(op: str) -> Callable | None:
     """The kernel registered for ``op`` (providers loaded on first use), or ``None``."""
     if not kernels_enabled() or op in _failed:
@@ -95,6 +117,7 @@ def call_kernel(op: str, *args):
         return fn(*args)
     except Exception as exc:
         _failed.add(op)
+        _changed()
         warnings.warn(
             f"tq: the fused {op!r} kernel failed ({type(exc).__name__}: {exc}); "
             "falling back to tq-core's reference path for this process",
@@ -109,7 +132,9 @@ def reference_only() -> Iterator[None]:
     """Within this block every op runs on tq-core's reference path."""
     global _forced_reference
     _forced_reference += 1
+    _changed()
     try:
         yield
     finally:
         _forced_reference -= 1
+        _changed()

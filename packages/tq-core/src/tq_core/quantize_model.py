@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .embedding import TurboQuantEmbedding
 from .linear import TurboQuantLinear
 from .recipe import QuantRecipe, is_kept, layer_kind
+from .siblings import group_siblings
 from .switch_linear import TurboQuantSwitchLinear
 
 
@@ -112,7 +113,9 @@ def apply_plan(
 
 
 def quantize_model(model: nn.Module, recipe: QuantRecipe, on_layer=None) -> dict[str, dict]:
-    """Quantize ``model`` in place with ``recipe``; returns the per-layer plan."""
+    """Quantize ``model`` in place with ``recipe``; returns the per-layer plan. Sibling
+    projections are grouped to share decode launches (siblings.py)."""
     plan = plan_layers(model, recipe)
     apply_plan(model, plan, recipe.scale_method, on_layer)
+    group_siblings(model)
     return plan

@@ -8,7 +8,7 @@ import threading
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import dispatch
+from .decode_plan import PlanCache
 from .hadamard import _transform
 from .pack import packed_words
 from .rotation import Rotation, random_signs, rotate
@@ -182,12 +182,23 @@ class TurboQuantWeights(nn.Module):
 
     def fused_rotating_matmul(self, x: mx.array, dtype) -> mx.array | None:
         """``(R x) @ W_rot.T`` by a kernel that rotates x itself, or ``None`` (no such
-        kernel registered or applicable, or the layer has a QJL residual)."""
+        kernel registered or applicable, or the layer has a QJL residual). Sibling layers
+        (siblings.py) share one launch; a plan per input shape keeps the per-call host work
+        to a lookup (decode_plan.py)."""
         if self.use_qjl:
             return None
         xd = x if x.dtype == dtype else x.astype(dtype)
-        codes = QuantizedWeight(self["indices"], self["scales"], self.bits, self.group_size)
-        return dispatch.call_kernel("rotating_weight_matmul", xd, codes, self._rotation_as(dtype))
+        state = self.__dict__
+        group = state.get("_siblings")
+        if group is not None:
+            y = group.output(self, x, xd)
+            if y is not None:
+                return y
+        plans = state.get("_plans")
+        if plans is None:
+            plans = state["_plans"] = PlanCache((self,))
+        out = plans.run(xd)
+        return None if out is None else out[0]
 
     def rotated_inputs(self, x: mx.array, dtype) -> tuple[mx.array, mx.array | None]:
         """``(R x, S R x)`` in ``dtype``: the activation in the weights' rotated basis and,

@@ -3,8 +3,15 @@
 from .attention import KeyPart, ValuePart, packed_kv_attention
 from .backend import kernel_backend
 from .launch import LaunchConfig, launch_config
-from .matvec import dequantize, gather_matvec, matvec, pack_sign_bits, rotating_matvec
-from .ops import rotating_weight_matmul, weight_gather_matmul, weight_matmul
+from .matvec import (
+    dequantize,
+    gather_matvec,
+    matvec,
+    pack_sign_bits,
+    rotating_matvec,
+    rotating_matvec_plan,
+)
+from .ops import rotating_matmul_plan, rotating_weight_matmul, weight_gather_matmul, weight_matmul
 from .register import register_all
 from .sources import OPS, kernel_source
 
@@ -25,7 +32,9 @@ __all__ = [
     "pack_sign_bits",
     "packed_kv_attention",
     "register_all",
+    "rotating_matmul_plan",
     "rotating_matvec",
+    "rotating_matvec_plan",
     "rotating_weight_matmul",
     "weight_gather_matmul",
     "weight_matmul",

@@ -7,6 +7,7 @@ the activation in the weight's rotated basis, ``codes`` a :class:`tq_core.Quanti
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from functools import cache
 
 import mlx.core as mx
@@ -14,8 +15,16 @@ from tq_core import QJLResidual, QuantizedWeight, gaussian_codebook
 
 from .build import get_kernel
 from .launch import LaunchConfig, launch_config, row_bucket
+from .sources import MAX_SEGMENTS
 
-__all__ = ["matvec", "rotating_matvec", "gather_matvec", "dequantize", "pack_sign_bits"]
+__all__ = [
+    "matvec",
+    "rotating_matvec",
+    "rotating_matvec_plan",
+    "gather_matvec",
+    "dequantize",
+    "pack_sign_bits",
+]
 
 _DEQUANT_THREADS = 256
 
@@ -45,23 +54,24 @@ ROTATE_MAX_ROWS = 2
 
 
 @cache
-def _matvec_plan(dtype, n, k, rows, bits, gs, qjl: bool, cfg, span: int = 0, lead=None):
+def _matvec_plan(dtype, ns: tuple, k, rows, bits, gs, qjl: bool, cfg, span: int = 0, lead=None):
     """Everything of a matvec launch but its inputs, built once per shape: decode calls the
     same few shapes every token, so this keeps the per-call Python work to one lookup.
-    ``span`` > 0: the kernel rotates the activation itself, in blocks of ``span``."""
-    cfg = cfg or launch_config(n, k, rows)
+    ``ns``: the output rows of each weight (several: siblings in one launch). ``span`` > 0:
+    the kernel rotates the activation itself, in blocks of ``span``."""
+    cfg = cfg or launch_config(sum(ns), k, rows)
     template = [("T", dtype), ("BITS", bits), ("GS", gs), ("M", row_bucket(rows))]
     template += [*cfg.template(), ("QJL", qjl), ("ROT", span > 0), ("SPAN", span or 32)]
-    groups = -(-n // cfg.rows_per_group)
+    groups = sum(-(-n // cfg.rows_per_group) for n in ns)
     return (
-        get_kernel("matvec", qjl, rotate=span > 0),
+        get_kernel("matvec", qjl, rotate=span > 0, segments=len(ns)),
         _codebook(bits),
         {
             "template": template,
             "grid": (groups * cfg.threads, 1, 1),
             "threadgroup": (cfg.threads, 1, 1),
-            "output_shapes": [(*(lead or (rows,)), n)],
-            "output_dtypes": [dtype],
+            "output_shapes": [(*(lead or (rows,)), n) for n in ns],
+            "output_dtypes": [dtype] * len(ns),
         },
     )
 
@@ -77,7 +87,7 @@ def matvec(
     rows, k = x.shape
     kernel, codebook, launch = _matvec_plan(
         x.dtype,
-        codes.scales.shape[0],
+        (codes.scales.shape[0],),
         k,
         rows,
         codes.bits,
@@ -91,26 +101,88 @@ def matvec(
     return kernel(inputs=inputs, **launch)[0]
 
 
-def rotating_matvec(
-    x: mx.array,
-    codes: QuantizedWeight,
-    sign_bits: mx.array,
-    span: int,
-    config: LaunchConfig | None = None,
-) -> mx.array:
-    """``(R x) @ W.T`` for ``x (..., K)`` of at most 2 rows, not yet rotated: the kernel
-    applies the signs (``sign_bits``: uint32, bit j of word b set where sign b*32+j is -1)
-    and the Hadamard blocks of ``span`` (32, 64 or 128) in registers, so no rotated copy of
-    x is made. Returns (..., N): the kernel reads the rows off x's shape, so no reshapes."""
+def _rotating_plan(x, codes: Sequence[QuantizedWeight], span: int, config):
     *lead, k = x.shape
     rows = math.prod(lead)
     if span not in ROTATE_SPANS or rows > ROTATE_MAX_ROWS:
         raise ValueError(f"rotating_matvec: span {span} / {rows} rows not supported")
-    n = codes.scales.shape[0]
-    bits, gs = codes.bits, codes.group_size
-    plan = _matvec_plan(x.dtype, n, k, rows, bits, gs, False, config, span, tuple(lead))
-    kernel, codebook, launch = plan
-    return kernel(inputs=[x, codes.indices, codes.scales, codebook, sign_bits], **launch)[0]
+    if not 1 <= len(codes) <= MAX_SEGMENTS:
+        raise ValueError(f"rotating_matvec: 1 to {MAX_SEGMENTS} weights, got {len(codes)}")
+    ns = tuple(c.scales.shape[0] for c in codes)
+    bits, gs = codes[0].bits, codes[0].group_size
+    return _matvec_plan(x.dtype, ns, k, rows, bits, gs, False, config, span, tuple(lead))
+
+
+def _rotating_inputs(x, codebook, sign_bits, codes: Sequence[QuantizedWeight]) -> list:
+    """In the kernel's argument order: x, w, scales, codebook, rsigns, w1, scales1, ..."""
+    inputs = [x, codes[0].indices, codes[0].scales, codebook, sign_bits]
+    for c in codes[1:]:
+        inputs += [c.indices, c.scales]
+    return inputs
+
+
+def rotating_matvec(
+    x: mx.array,
+    codes: QuantizedWeight | Sequence[QuantizedWeight],
+    sign_bits: mx.array,
+    span: int,
+    config: LaunchConfig | None = None,
+) -> mx.array | list[mx.array]:
+    """``(R x) @ W.T`` for ``x (..., K)`` of at most 2 rows, not yet rotated: the kernel
+    applies the signs (``sign_bits``: uint32, bit j of word b set where sign b*32+j is -1)
+    and the Hadamard blocks of ``span`` (32, 64 or 128) in registers, so no rotated copy of
+    x is made. Returns (..., N): the kernel reads the rows off x's shape, so no reshapes.
+    With a sequence of up to 3 weights of the same K, bits and group size (siblings), one
+    launch returns the list of their products."""
+    several = not isinstance(codes, QuantizedWeight)
+    seq = tuple(codes) if several else (codes,)
+    kernel, codebook, launch = _rotating_plan(x, seq, span, config)
+    outs = kernel(inputs=_rotating_inputs(x, codebook, sign_bits, seq), **launch)
+    return list(outs) if several else outs[0]
+
+
+#: Compiled launches whose kernel has been evaluated once (NVRTC/Metal compile errors are
+#: lazy: a plan's first launch is evaluated when it is built, where a failure can fall back).
+_verified: set[tuple] = set()
+
+
+@cache
+def _compiled_launch(dtype, ns: tuple, k: int, rows: int, bits: int, gs: int, span: int, lead):
+    """``mx.compile`` of one rotating launch: replaying the recorded kernel call skips MLX's
+    per-call source assembly and our argument building (docs/kernels.md, host cost)."""
+    kernel, codebook, launch = _matvec_plan(dtype, ns, k, rows, bits, gs, False, None, span, lead)
+
+    def run(x, sign_bits, *weights):
+        inputs = [x, weights[0], weights[1], codebook, sign_bits, *weights[2:]]
+        return kernel(inputs=inputs, **launch)
+
+    return mx.compile(run)
+
+
+def rotating_matvec_plan(
+    x: mx.array, codes: Sequence[QuantizedWeight], sign_bits: mx.array, span: int
+) -> Callable[[mx.array], list[mx.array]]:
+    """A callable ``plan(x2) -> [(R x2) @ W_i.T]`` for any ``x2`` of x's shape and dtype,
+    with the weights and signs bound and the launch compiled (one kernel launch per call).
+    Its first launch for a new kernel configuration is evaluated here, so a compile error
+    raises now rather than at some later ``mx.eval``."""
+    seq = tuple(codes)
+    _rotating_plan(x, seq, span, None)  # validates rows, span and the number of weights
+    *lead, k = x.shape
+    ns = tuple(c.scales.shape[0] for c in seq)
+    key = (x.dtype, ns, k, math.prod(lead), seq[0].bits, seq[0].group_size, span, tuple(lead))
+    fn = _compiled_launch(*key)
+    weights = []
+    for c in seq:
+        weights += [c.indices, c.scales]
+
+    def plan(x2: mx.array) -> list[mx.array]:
+        return fn(x2, sign_bits, *weights)
+
+    if key not in _verified:
+        mx.eval(plan(x))
+        _verified.add(key)
+    return plan
 
 
 def gather_matvec(

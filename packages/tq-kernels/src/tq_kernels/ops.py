@@ -10,6 +10,7 @@ rows (prefill) dequantize with a kernel, then ``matmul``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from functools import cache
 
 import mlx.core as mx
@@ -25,11 +26,13 @@ from .matvec import (
     gather_matvec,
     matvec,
     pack_sign_bits,
-    rotating_matvec,
+    rotating_matvec_plan,
 )
+from .sources import MAX_SEGMENTS
 
 __all__ = [
     "weight_matmul",
+    "rotating_matmul_plan",
     "rotating_weight_matmul",
     "weight_gather_matmul",
     "KERNEL_BITS",
@@ -111,15 +114,31 @@ class _SignBits:
 _sign_bits = _SignBits()
 
 
+def rotating_matmul_plan(
+    x: mx.array, codes: Sequence[QuantizedWeight], rotation
+) -> Callable[[mx.array], list[mx.array]] | None:
+    """A plan computing ``[rotate(x, rotation) @ W_i.T for each codes]`` in one launch, the
+    kernel rotating the activation itself (decode: at most 2 rows, a power-of-two rotation
+    block of 32 to 128, 1 to 3 weights of one input size, bits and group size), or ``None``.
+    The plan serves every later input of x's shape and dtype (tq_core.decode_plan)."""
+    if rotation.block not in ROTATE_SPANS or not 1 <= len(codes) <= MAX_SEGMENTS:
+        return None
+    first = codes[0]
+    for c in codes:
+        if c.indices.ndim != 2 or (c.bits, c.group_size) != (first.bits, first.group_size):
+            return None
+        if c.in_features != first.in_features:
+            return None
+    if x.size > ROTATE_MAX_ROWS * rotation.dim or not _applies(x, first, None, None):
+        return None
+    return rotating_matvec_plan(x, codes, _sign_bits.get(rotation.signs), rotation.block)
+
+
 def rotating_weight_matmul(x: mx.array, codes: QuantizedWeight, rotation) -> mx.array | None:
-    """``rotate(x, rotation) @ W.T`` with the rotation done inside the matvec kernel (decode:
-    at most 2 rows, a power-of-two rotation block of 32 to 128), or ``None``. This is the
-    per-token path of every dense projection, so it checks only what can differ per call."""
-    if rotation.block not in ROTATE_SPANS or codes.indices.ndim != 2:
-        return None
-    if x.size > ROTATE_MAX_ROWS * rotation.dim or not _applies(x, codes, None, None):
-        return None
-    return rotating_matvec(x, codes, _sign_bits.get(rotation.signs), rotation.block)
+    """``rotate(x, rotation) @ W.T`` through a one-off plan (see :func:`rotating_matmul_plan`),
+    or ``None``. Layers keep their plans instead; this is for tests and benchmarks."""
+    plan = rotating_matmul_plan(x, [codes], rotation)
+    return None if plan is None else plan(x)[0]
 
 
 def weight_gather_matmul(

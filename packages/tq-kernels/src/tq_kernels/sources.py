@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from .prelude import prelude, thread_ids
 
-__all__ = ["OPS", "KernelSource", "kernel_source"]
+__all__ = ["MAX_SEGMENTS", "OPS", "KernelSource", "kernel_source"]
 
 OPS = ("matvec", "gather_matvec", "dequantize")
 
@@ -285,6 +285,38 @@ _MATVEC_BODY = r"""
       tq_cb, tq_red);
 """
 
+# Sibling weights that read the same activation (q/k/v, gate/up) in one launch: segment s
+# owns a contiguous range of threadgroups, so every branch below is threadgroup-uniform.
+_SEGMENTS_HEAD = r"""
+  int tq_rows = 1;
+  for (int d = 0; d + 1 < x_ndim; ++d) tq_rows *= x_shape[d];
+  const int tq_k = x_shape[x_ndim - 1];
+  constexpr int tq_rpg = RPW * (NWARPS / KSPLIT);
+  int tq_cta = tq_bx;
+"""
+
+_SEGMENT_CALL = r"""tq_qmv<T, BITS, GS, M, RPW, KSPLIT, NWARPS, false, ROT, SPAN>(
+      x, x, w{s}, scales{s}, w{s}, scales{s}, codebook, {rsigns}, out{s},
+      tq_rows, scales{s}_shape[0], tq_k, scales{s}_shape[0], tq_cta, tq_tid, tq_cb, tq_red);"""
+
+
+def _segments_body(segments: int, rsigns: str) -> str:
+    """The matvec body over ``segments`` weights ``w, w1, w2`` writing ``out, out1, out2``."""
+    text = _SEGMENTS_HEAD
+    for i in range(segments):
+        s = str(i) if i else ""
+        call = _SEGMENT_CALL.format(s=s, rsigns=rsigns)
+        if i == segments - 1:
+            text += "  {\n    " + call + "\n  }\n"
+            break
+        text += (
+            f"  const int tq_g{i} = (scales{s}_shape[0] + tq_rpg - 1) / tq_rpg;\n"
+            f"  if (tq_cta < tq_g{i}) {{\n    {call}\n  }} else {{\n"
+            f"  tq_cta -= tq_g{i};\n"
+        )
+    return text + "  }\n" * (segments - 1)
+
+
 _GATHER_BODY = r"""
   // Batch entry tq_by multiplies its rows of x by expert ei[tq_by].
   const size_t e = (size_t)ei[tq_by];
@@ -317,17 +349,30 @@ class KernelSource:
     output_names: tuple[str, ...]
 
 
-def kernel_source(op: str, backend: str, qjl: bool = False, rotate: bool = False) -> KernelSource:
+#: Sibling weights one matvec launch can serve (q/k/v is the largest such set).
+MAX_SEGMENTS = 3
+
+
+def kernel_source(
+    op: str, backend: str, qjl: bool = False, rotate: bool = False, segments: int = 1
+) -> KernelSource:
     """The source of ``op`` for ``backend`` ("cuda" or "metal"), with or without QJL; with
     ``rotate`` (matvec without QJL only) the kernel takes the unrotated activation and the
-    rotation's packed sign bits ``rsigns``, and rotates in registers (template ROT, SPAN)."""
+    rotation's packed sign bits ``rsigns``, and rotates in registers (template ROT, SPAN).
+    ``segments`` > 1 (matvec without QJL): one launch multiplies the same activation by
+    that many weights (inputs ``w, scales, w1, scales1, ...``; outputs ``out, out1, ...``)."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; known ops: {', '.join(OPS)}")
     if rotate and (op != "matvec" or qjl):
         raise ValueError("rotate=True is for the matvec op without QJL")
+    if not 1 <= segments <= MAX_SEGMENTS or (segments > 1 and (op != "matvec" or qjl)):
+        raise ValueError(
+            f"segments={segments}: the matvec without QJL takes 1 to {MAX_SEGMENTS} weights"
+        )
     header = prelude(backend)
     ids = thread_ids(backend)
     tag = ("_qjl" if qjl else "") + ("_rot" if rotate else "")
+    tag += f"_seg{segments}" if segments > 1 else ""
     if op == "dequantize":
         return KernelSource(
             f"tq_dequant_{backend}",
@@ -353,11 +398,18 @@ def kernel_source(op: str, backend: str, qjl: bool = False, rotate: bool = False
     fill["rsigns"] = "rsigns" if rotate else "w"  # likewise with ROT=false
     if rotate:
         names += ["rsigns"]
-    body = (_GATHER_BODY if gather else _MATVEC_BODY).format(**fill)
+    outputs = ["out"]
+    if segments > 1:
+        body = _segments_body(segments, fill["rsigns"])
+        for i in range(1, segments):
+            names += [f"w{i}", f"scales{i}"]
+            outputs += [f"out{i}"]
+    else:
+        body = (_GATHER_BODY if gather else _MATVEC_BODY).format(**fill)
     return KernelSource(
         f"tq_{op}{tag}_{backend}",
         header + _MATVEC_IMPL,
         ids + _SHARED_DECLS + body,
         tuple(names),
-        ("out",),
+        tuple(outputs),
     )

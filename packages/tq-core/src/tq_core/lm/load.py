@@ -13,6 +13,7 @@ from mlx_lm.utils import _get_classes, load_tokenizer
 
 from ..checkpoint import CheckpointError, load_weights, read_quantization
 from ..quantize_model import apply_plan
+from ..siblings import group_siblings
 
 
 def build_model(config: dict) -> nn.Module:
@@ -73,6 +74,7 @@ def load(
         cast_dtype(model, dtype)
     mx.eval(model.parameters())
     model.eval()
+    group_siblings(model)
     if not tokenizer:
         return model, None
     tok = load_tokenizer(path, eos_token_ids=model_config.get("eos_token_id"))

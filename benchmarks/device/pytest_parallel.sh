@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Run pytest over PATHS in N parallel processes (the device has no pytest-xdist): NVRTC
+# compiles each kernel variant on one core, so the GPU tests are bound by compile time.
+#   usage: bash benchmarks/device/pytest_parallel.sh N PATHS...   (after setup.sh)
+n=$1; shift
+python3 -m pytest -q -p no:cacheprovider --collect-only "$@" 2>/dev/null | grep "::" >/tmp/ids
+split -n r/$n /tmp/ids /tmp/ids.part.
+rc=0
+for f in /tmp/ids.part.*; do
+  python3 -m pytest -q -p no:cacheprovider $(cat $f) >"$f.log" 2>&1 &
+done
+for job in $(jobs -p); do wait $job || rc=1; done
+for f in /tmp/ids.part.*.log; do tail -3 "$f"; grep -E "^(FAILED|ERROR)" "$f"; done
+exit $rc
