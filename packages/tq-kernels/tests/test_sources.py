@@ -123,3 +123,27 @@ def test_sibling_matvec_limits():
         kernel_source("matvec", "cuda", qjl=True, segments=2)
     with pytest.raises(ValueError, match="segments"):
         kernel_source("gather_matvec", "cuda", segments=2)
+
+
+def test_minify_keeps_code_and_drops_comments():
+    from tq_kernels.minify import minify
+
+    text = "#define A 1\n  // why\n  int x = a  /  b; // c\n\n  /* block\n */ y = -x;\n"
+    assert minify(text) == "#define A 1\nint x = a / b;\ny = -x;\n"
+    with pytest.raises(ValueError, match="literals"):
+        minify('#include "x.h"\n')
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_minified_sources_stay_one_body(op):
+    from tq_kernels.minify import minify
+
+    cuda, metal = kernel_source(op, "cuda"), kernel_source(op, "metal")
+    for src in (cuda, metal):
+        small = minify(src.header) + minify(src.body)
+        assert len(small) < len(src.header + src.body)
+        assert "//" not in small and "\n\n" not in small
+        for name in src.input_names:  # MLX finds the shape arguments by name in the body
+            assert (f"{name}_shape" in minify(src.body)) == (f"{name}_shape" in src.body)
+    body = lambda s: minify(s.body).split("tq_gid")[-1].split("\n", 1)[1]  # noqa: E731
+    assert body(cuda) == body(metal)

@@ -169,3 +169,22 @@ def test_convert_filled_mlx_lm_caches():
     want = mx.concatenate([k[:, :, :2], k[:, :, -14:]], axis=2)
     assert mx.min(_cos(keys, want)).item() > 0.98
     assert tq_plain.packed_codes()[0] and tq_plain.nbytes < plain.nbytes
+
+
+def test_packed_codes_are_reused_until_the_codes_change():
+    cache = TurboQuantKVCache(sink_tokens=0, buffer=0, flush_batch=1)
+    cache.update_and_fetch(*_kv(8))
+    cache.update_and_fetch(*_kv(1, seed=1))  # flushes the first 8 tokens
+    first = cache.packed_codes()
+    assert cache.packed_codes() is first  # nothing changed: the same dicts
+    before = {n: np.array(a) for n, a in first[0].items()}
+    # Trim one packed token and pack a different one: same count, new codes.
+    cache.trim(2)
+    cache.update_and_fetch(*_kv(1, seed=5))
+    cache.update_and_fetch(*_kv(1, seed=6))
+    after = cache.packed_codes()
+    assert after is not first
+    assert {n: a.shape for n, a in after[0].items()} == {n: a.shape for n, a in before.items()}
+    assert any(not np.array_equal(np.array(after[0][n]), before[n]) for n in before)
+    want = cache._k_codec.decode(after[0])
+    assert mx.allclose(want, cache._k_codec.decode(cache.packed_codes()[0])).item()

@@ -23,12 +23,14 @@ from .attention_layout import (
 from .attention_merge_source import combine_source, finish_source
 from .attention_source import attend_source
 from .backend import kernel_backend
+from .minify import minify
 
 __all__ = [
     "KeyPart",
     "ValuePart",
     "packed_kv_attention",
     "raw_kv_attention",
+    "raw_layout",
     "raw_queries_apply",
     "MAX_ATTEND_ROWS",
     "split_plan",
@@ -97,8 +99,8 @@ def _compiled(source: tuple, backend: str, row_contiguous: bool):
         name=name,
         input_names=list(inputs),
         output_names=list(outputs),
-        source=body,
-        header=header,
+        source=minify(body),
+        header=minify(header),
         ensure_row_contiguous=row_contiguous,
     )
 
@@ -145,6 +147,15 @@ def _layout(keys, values, rows, dk, dv, raw=False, kperm=False, vperm=False):
         vperm,
     )
     return layout, qoff
+
+
+def raw_layout(keys, values, queries_shape, kperm: bool, vperm: bool) -> AttendLayout:
+    """The kernels' layout for :func:`raw_kv_attention` over these parts and queries of
+    ``queries_shape`` (B, Hq, L, Dk)."""
+    _, hq, L, dk = queries_shape
+    h = keys[0].idx.shape[1]
+    dv = sum(p.width for p in values)
+    return _layout(keys, values, (hq // h) * L, dk, dv, True, kperm, vperm)[0]
 
 
 def _fp_inputs(fp_segments, b, h, dk, dv):
@@ -194,12 +205,15 @@ def raw_kv_attention(
     sinks: mx.array | None = None,
     kperm: mx.array | None = None,
     vperm: mx.array | None = None,
+    layout: AttendLayout | None = None,
 ) -> mx.array:
     """The attention output (B, Hq, L, Dv) in ``queries.dtype`` from the model's raw queries
     (B, Hq, L, Dk): the kernels scale, permute and rotate the queries, and un-rotate and
     permute back the output themselves, so a decode step is two launches. ``kperm`` /
     ``vperm`` (H, D) int32: outlier-channel permutations of fractional bits; ``sinks``:
-    (Hq,) attention-sink logits. Only where :func:`raw_queries_apply`."""
+    (Hq,) attention-sink logits. Only where :func:`raw_queries_apply`. ``layout``: what
+    :func:`raw_layout` returns for these arguments, when the caller keeps it between
+    steps (it is the same every token)."""
     backend = kernel_backend()
     if backend is None:
         raise RuntimeError("tq-kernels: no GPU backend (Metal or CUDA) is available")
@@ -208,7 +222,8 @@ def raw_kv_attention(
     h, n_packed = probe.shape[1], probe.shape[2]
     rows = (hq // h) * L
     dv = sum(p.width for p in values)
-    layout, _ = _layout(keys, values, rows, dk, dv, True, kperm is not None, vperm is not None)
+    if layout is None:
+        layout = raw_layout(keys, values, queries.shape, kperm is not None, vperm is not None)
     chunk, nsplit = split_plan(n_packed, b * h)
     sink_k, sink_v, tail_k, tail_v, n_sink, n_tail = _fp_inputs(fp_segments, b, h, dk, dv)
     counts = mx.array(

@@ -7,6 +7,7 @@ from functools import cache
 import mlx.core as mx
 
 from .backend import kernel_backend
+from .minify import minify
 from .sources import kernel_source
 
 __all__ = ["get_kernel"]
@@ -31,7 +32,7 @@ def get_kernel(
         name=src.name,
         input_names=list(src.input_names),
         output_names=list(src.output_names),
-        source=src.body,
-        header=src.header,
+        source=minify(src.body),
+        header=minify(src.header),
         ensure_row_contiguous=True,
     )

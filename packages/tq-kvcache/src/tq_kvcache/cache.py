@@ -94,6 +94,7 @@ class TurboQuantKVCache(CacheState):
         self._n_packed = 0
         self._packed_version = 0  # bumped on every change of the packed codes
         self._decoded = None  # (version, dtype, keys, values): lazy dequantized packed tokens
+        self._codes_memo = None  # (version, count, store arrays, codes): see packed_codes
         self._k_codec: KVCodec | None = None
         self._v_codec: KVCodec | None = None
         self._shape: tuple[int, int, int, int] | None = None  # (B, H, Dk, Dv)
@@ -200,12 +201,26 @@ class TurboQuantKVCache(CacheState):
             self._flush(force=True)
 
     def packed_codes(self) -> tuple[dict[str, mx.array], dict[str, mx.array]]:
-        """The packed key and value codes, sliced to the tokens held."""
+        """The packed key and value codes, sliced to the tokens held. The same dicts come
+        back until the codes change (decode asks every token; flushes are rare), so a
+        caller may key its own derived state on their identity."""
         n = self._n_packed
-        return (
+        stores = (*self._packed_k.values(), *self._packed_v.values())
+        memo = self._codes_memo
+        if (
+            memo is not None
+            and memo[0] == self._packed_version
+            and memo[1] == n
+            and len(memo[2]) == len(stores)
+            and all(a is b for a, b in zip(memo[2], stores))
+        ):
+            return memo[3]
+        codes = (
             {k: a[:, :, :n] for k, a in self._packed_k.items()},
             {k: a[:, :, :n] for k, a in self._packed_v.items()},
         )
+        self._codes_memo = (self._packed_version, n, stores, codes)
+        return codes
 
     def _full_kv(self, dtype, decode: bool = False, after: mx.array | None = None):
         """Every token's keys and values, the packed ones dequantized, as lazy arrays. In

@@ -24,6 +24,7 @@ from tq_kernels.attention import (
     ValuePart,
     packed_kv_attention,
     raw_kv_attention,
+    raw_layout,
     raw_queries_apply,
 )
 
@@ -81,6 +82,22 @@ def _parts(codec: KVCodec, codes: dict, values: bool):
     return tuple(parts)
 
 
+def _cached_parts(cache, k_codec, v_codec, k_codes: dict, v_codes: dict):
+    """``(keys, values, raw, layouts)``: the kernels' parts, whether raw mode applies, and
+    its layouts by query shape; rebuilt only when the cache hands out new code dicts
+    (:meth:`TurboQuantKVCache.packed_codes` returns the same ones until the codes change)
+    and kept on the cache object, so they live and die with it."""
+    memo = cache.__dict__.get("_fused_parts")
+    if memo is not None and memo[0] is k_codes and memo[1] is v_codes:
+        return memo[2]
+    keys, values = _parts(k_codec, k_codes, False), _parts(v_codec, v_codes, True)
+    raw = keys is not None and values is not None and raw_queries_apply(keys, values)
+    # (keys, values, raw mode applies, raw layouts by query shape)
+    prepared = (keys, values, raw, {})
+    cache.__dict__["_fused_parts"] = (k_codes, v_codes, prepared)
+    return prepared
+
+
 def _query_rows(q: mx.array, codec: KVCodec) -> mx.array:
     """The packed-query row layout of :func:`packed_kv_attention`: rotated parts, then
     sketched parts (Algorithm 2's ``S q``)."""
@@ -118,14 +135,18 @@ def fused_cache_attention(queries, cache, scale: float, mask=None, sinks=None):
         return None
     if L > 1 and (tail_k is None or tail_k.shape[2] < L):
         return None  # the queries' own tokens must sit in the fp16 tail for the causal mask
-    keys, values = _parts(k_codec, k_codes, False), _parts(v_codec, v_codes, True)
+    prepared = _cached_parts(cache, k_codec, v_codec, k_codes, v_codes)
+    keys, values, raw, layouts = prepared
     if keys is None or values is None or v_codec.dim % 32:
         return None
     rep = hq // kv_heads
     fp_segments = (sink_k, sink_v, tail_k, tail_v)
-    raw = raw_queries_apply(keys, values)
     try:
         if raw:
+            layout = layouts.get(queries.shape)
+            if layout is None:
+                kp, vp = k_codec.perm is not None, v_codec.perm is not None
+                layout = layouts[queries.shape] = raw_layout(keys, values, queries.shape, kp, vp)
             out = raw_kv_attention(
                 queries,
                 scale,
@@ -136,6 +157,7 @@ def fused_cache_attention(queries, cache, scale: float, mask=None, sinks=None):
                 sinks,
                 k_codec.perm,
                 v_codec.perm,
+                layout,
             )
         else:
             out = _prepared_attention(
