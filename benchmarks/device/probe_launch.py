@@ -95,3 +95,23 @@ for bits in (3, 4):
     timed(f"q/k/v TurboQuantLinear {bits}-bit", lambda x: [la(x) for la in tls], x1)
     assert group_siblings(parent) == 1
     timed(f"q/k/v grouped TurboQuantLinear {bits}-bit", lambda x: [la(x) for la in tls], x1)
+
+# One q/k/v launch three ways: the layer's plan (mx.compile'd launch), the same kernel
+# called directly with its prepared arguments, and the plan's compiled function alone.
+mvm = sys.modules["tq_kernels.matvec"]
+for bits in (3,):
+    parent = nn.Module()
+    parent.q_proj, parent.k_proj, parent.v_proj = (
+        TurboQuantLinear(k, o, bits=bits, group_size=64) for o in outs
+    )
+    tls = [parent.q_proj, parent.k_proj, parent.v_proj]
+    codes = [la.codes() for la in tls]
+    rot = tls[0]._rotation_as(mx.float16)
+    sb = ops._sign_bits.get(rot.signs)
+    plan = mvm.rotating_matvec_plan(x1[0], codes, sb, 64)
+    timed("q/k/v plan (compiled launch)", plan, x1)
+    kernel, codebook, launch = mvm._rotating_plan(x1[0], tuple(codes), 64, None)
+    ins = [None, codes[0].indices, codes[0].scales, codebook, sb]
+    for c in codes[1:]:
+        ins += [c.indices, c.scales]
+    timed("q/k/v direct kernel call", lambda x: kernel(inputs=[x, *ins[1:]], **launch), x1)

@@ -10,5 +10,5 @@ for f in /tmp/ids.part.*; do
   python3 -m pytest -q -p no:cacheprovider $(cat $f) >"$f.log" 2>&1 &
 done
 for job in $(jobs -p); do wait $job || rc=1; done
-for f in /tmp/ids.part.*.log; do tail -3 "$f"; grep -E "^(FAILED|ERROR)" "$f"; done
+for f in /tmp/ids.part.*.log; do tail -3 "$f"; grep -E "^(FAILED|ERROR)" "$f"; [ -n "${OUT:-}" ] && cp "$f" "$OUT/"; done
 exit $rc
