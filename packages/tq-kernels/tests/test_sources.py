@@ -147,3 +147,59 @@ def test_minified_sources_stay_one_body(op):
             assert (f"{name}_shape" in minify(src.body)) == (f"{name}_shape" in src.body)
     body = lambda s: minify(s.body).split("tq_gid")[-1].split("\n", 1)[1]  # noqa: E731
     assert body(cuda) == body(metal)
+
+
+def test_plan_passes_inputs_in_the_kernels_order(monkeypatch):
+    """On the CPU, a stand-in kernel that computes the op from its inputs *by name* (the
+    names kernel_source declares) checks the plan's argument order, outputs and replay."""
+    import sys
+
+    from tq_core import QuantizedWeight, pack
+    from tq_core.rotation import Rotation, rotate
+    from tq_core.weights import dequantize_weight_rotated
+    from tq_kernels import rotating_matvec_plan
+
+    mv = sys.modules["tq_kernels.matvec"]
+
+    class StandIn:
+        def __init__(self, segments):
+            self.src = kernel_source("matvec", "cuda", rotate=True, segments=segments)
+
+        def __call__(self, inputs, template, grid, threadgroup, output_shapes, output_dtypes):
+            named = dict(zip(self.src.input_names, inputs, strict=True))
+            t = dict(template)
+            bits = (named["rsigns"][:, None] >> mx.arange(32, dtype=mx.uint32)) & 1
+            signs = (1 - 2 * bits.astype(mx.float32)).reshape(-1)
+            x = rotate(named["x"], Rotation(signs.size, t["SPAN"], 0, signs))
+            outs = []
+            for i, shape in enumerate(output_shapes):
+                s = str(i) if i else ""
+                w = QuantizedWeight(named[f"w{s}"], named[f"scales{s}"], t["BITS"], t["GS"])
+                outs.append((x @ dequantize_weight_rotated(w).T).reshape(shape))
+            return outs
+
+    monkeypatch.setattr(mv, "get_kernel", lambda op, qjl, rotate, segments: StandIn(segments))
+    mv._matvec_plan.cache_clear()
+    mv._compiled_launch.cache_clear()
+    try:
+        k, ns = 256, (40, 8, 24)
+        codes = []
+        for i, n in enumerate(ns):
+            idx = mx.random.randint(0, 8, (n, k), key=mx.random.key(i)).astype(mx.uint32)
+            scales = mx.random.uniform(0.5, 1.5, (n, k // 64), key=mx.random.key(9 + i))
+            codes.append(QuantizedWeight(pack(idx, 3), scales.astype(mx.float16), 3, 64))
+        signs = mx.where(mx.random.uniform(shape=(k,), key=mx.random.key(5)) < 0.5, -1.0, 1.0)
+        rot = Rotation(k, 64, 0, signs)
+        from tq_kernels import pack_sign_bits
+
+        x = mx.random.normal((1, 1, k))
+        plan = rotating_matvec_plan(x, codes, pack_sign_bits(signs), 64)
+        for xt in (x, mx.random.normal((1, 1, k), key=mx.random.key(3))):
+            outs = plan(xt)
+            assert [o.shape for o in outs] == [(1, 1, n) for n in ns]
+            for out, c in zip(outs, codes):
+                want = rotate(xt, rot) @ dequantize_weight_rotated(c).T
+                assert mx.allclose(out, want, atol=1e-4).item()
+    finally:
+        mv._matvec_plan.cache_clear()
+        mv._compiled_launch.cache_clear()

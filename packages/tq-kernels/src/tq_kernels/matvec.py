@@ -113,12 +113,17 @@ def _rotating_plan(x, codes: Sequence[QuantizedWeight], span: int, config):
     return _matvec_plan(x.dtype, ns, k, rows, bits, gs, False, config, span, tuple(lead))
 
 
-def _rotating_inputs(x, codebook, sign_bits, codes: Sequence[QuantizedWeight]) -> list:
-    """In the kernel's argument order: x, w, scales, codebook, rsigns, w1, scales1, ..."""
-    inputs = [x, codes[0].indices, codes[0].scales, codebook, sign_bits]
-    for c in codes[1:]:
-        inputs += [c.indices, c.scales]
-    return inputs
+def _flat_weights(codes: Sequence[QuantizedWeight]) -> list[mx.array]:
+    out = []
+    for c in codes:
+        out += [c.indices, c.scales]
+    return out
+
+
+def _rotating_inputs(x, codebook, sign_bits, weights: Sequence[mx.array]) -> list:
+    """In the kernel's argument order (``weights`` = w, scales, w1, scales1, ...):
+    x, w, scales, codebook, rsigns, w1, scales1, ..."""
+    return [x, weights[0], weights[1], codebook, sign_bits, *weights[2:]]
 
 
 def rotating_matvec(
@@ -137,7 +142,8 @@ def rotating_matvec(
     several = not isinstance(codes, QuantizedWeight)
     seq = tuple(codes) if several else (codes,)
     kernel, codebook, launch = _rotating_plan(x, seq, span, config)
-    outs = kernel(inputs=_rotating_inputs(x, codebook, sign_bits, seq), **launch)
+    inputs = _rotating_inputs(x, codebook, sign_bits, _flat_weights(seq))
+    outs = kernel(inputs=inputs, **launch)
     return list(outs) if several else outs[0]
 
 
@@ -153,8 +159,7 @@ def _compiled_launch(dtype, ns: tuple, k: int, rows: int, bits: int, gs: int, sp
     kernel, codebook, launch = _matvec_plan(dtype, ns, k, rows, bits, gs, False, None, span, lead)
 
     def run(x, sign_bits, *weights):
-        inputs = [x, weights[0], weights[1], codebook, sign_bits, *weights[2:]]
-        return kernel(inputs=inputs, **launch)
+        return kernel(inputs=_rotating_inputs(x, codebook, sign_bits, weights), **launch)
 
     return mx.compile(run)
 
@@ -172,9 +177,7 @@ def rotating_matvec_plan(
     ns = tuple(c.scales.shape[0] for c in seq)
     key = (x.dtype, ns, k, math.prod(lead), seq[0].bits, seq[0].group_size, span, tuple(lead))
     fn = _compiled_launch(*key)
-    weights = []
-    for c in seq:
-        weights += [c.indices, c.scales]
+    weights = _flat_weights(seq)
 
     def plan(x2: mx.array) -> list[mx.array]:
         return fn(x2, sign_bits, *weights)
