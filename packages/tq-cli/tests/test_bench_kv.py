@@ -33,3 +33,20 @@ def test_bad_arguments_name_the_problem(argv, message, capsys):
     with pytest.raises(SystemExit) as err:
         main(["bench", "kv", "--contexts", "64", *argv])
     assert message in str(err.value)
+
+
+def test_json_records_where_it_ran_and_mlx_graph_limits(tmp_path, monkeypatch):
+    import json
+
+    import mlx.core as mx
+
+    monkeypatch.setenv("MLX_MAX_MB_PER_BUFFER", "100")
+    monkeypatch.delenv("MLX_MAX_OPS_PER_BUFFER", raising=False)
+    out = tmp_path / "kv.json"
+    argv = ["bench", "kv", "--contexts", "300", "--settings", "K4V3", "--heads", "4"]
+    argv += ["--kv-heads", "2", "--head-dim", "64", "--calls", "1", "--repeats", "1"]
+    assert main([*argv, "--json", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["mlx"] == mx.__version__ and result["device"] == str(mx.default_device())
+    assert result["mlx_env"] == {"MLX_MAX_MB_PER_BUFFER": "100"}
+    assert result["time"][:2] == "20" and len(result["attention"]) == 3

@@ -42,6 +42,26 @@ def emit_json(payload, out: str | None) -> None:
         write_text_atomic(out, text + "\n")
 
 
+#: MLX-CUDA's graph limits (ops and MB recorded per CUDA graph before it is launched): they
+#: decide how long intermediates stay alive, so they belong with any memory figure.
+_MLX_ENV = ("MLX_MAX_OPS_PER_BUFFER", "MLX_MAX_MB_PER_BUFFER")
+
+
+def _run_context() -> dict:
+    """Where and when a benchmark ran: device, MLX version, time, MLX's tuning variables."""
+    import os
+    import time
+
+    import mlx.core as mx
+
+    return {
+        "device": str(mx.default_device()),
+        "mlx": mx.__version__,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "mlx_env": {k: os.environ[k] for k in _MLX_ENV if k in os.environ},
+    }
+
+
 def _bench_distortion(args: argparse.Namespace) -> int:
     from . import bench_distortion
 
@@ -156,7 +176,7 @@ def _bench_kv(args: argparse.Namespace) -> int:
         settings = bench_kv.parse_settings(args.settings)
     except Exception as e:  # CommandError from the settings parser
         raise SystemExit(f"tq bench kv: {e}") from None
-    result = {"benchmark": "kv", "settings": [s["name"] for s in settings]}
+    result = {"benchmark": "kv", "settings": [s["name"] for s in settings], **_run_context()}
     if not args.no_attention:
         result["attention"] = bench_kv.attention_rows(
             args.contexts,
