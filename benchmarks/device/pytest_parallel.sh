@@ -4,11 +4,16 @@
 #   usage: bash benchmarks/device/pytest_parallel.sh N PATHS...   (after setup.sh)
 n=$1; shift
 python3 -m pytest -q -p no:cacheprovider --collect-only "$@" 2>/dev/null | grep "::" >/tmp/ids
+rm -f /tmp/ids.part.*
 split -n r/$n /tmp/ids /tmp/ids.part.
 rc=0
 for f in /tmp/ids.part.*; do
   python3 -m pytest -q -p no:cacheprovider $(cat $f) >"$f.log" 2>&1 &
 done
 for job in $(jobs -p); do wait $job || rc=1; done
-for f in /tmp/ids.part.*.log; do tail -3 "$f"; grep -E "^(FAILED|ERROR)" "$f"; [ -n "${OUT:-}" ] && cp "$f" "$OUT/"; done
+# Logs go to $OUT as one file (the device returns a limited number of files).
+for f in /tmp/ids.part.*.log; do
+  tail -3 "$f"; grep -E "^(FAILED|ERROR)" "$f"
+  [ -n "${OUT:-}" ] && { echo "==== $f"; cat "$f"; } >>"$OUT/pytest.log"
+done
 exit $rc

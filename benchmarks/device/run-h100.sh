@@ -8,8 +8,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 step() { echo "==== $*"; }
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   step pytest
-  timeout 240 python3 -m pytest -q -p no:cacheprovider packages/tq-kernels ${EXTRA_TESTS:-} 2>&1 \
-    | tee "$OUT/pytest.log" | tail -25
+  timeout 300 bash benchmarks/device/pytest_parallel.sh 8 packages/tq-kernels ${EXTRA_TESTS:-}
 fi
 step bench kernels
 timeout 300 python3 -m tq_cli bench kernels --json --out "$OUT/kernels.json" ${BENCH_ARGS:-} >/dev/null

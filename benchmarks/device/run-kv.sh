@@ -8,8 +8,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 step() { echo "==== $*"; }
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   step pytest
-  timeout 400 python3 -m pytest -q -p no:cacheprovider packages/tq-kvcache/tests/test_fused_attention.py \
-    packages/tq-kernels/tests/test_attention_source.py ${EXTRA_TESTS:-} 2>&1 | tee "$OUT/pytest-kv.log" | tail -25
+  timeout 400 bash benchmarks/device/pytest_parallel.sh 8 packages/tq-kvcache/tests/test_fused_attention.py \
+    packages/tq-kernels/tests/test_attention_source.py ${EXTRA_TESTS:-}
 fi
 if [ -n "${KV_ARGS:-}" ]; then
 step bench kv attention
