@@ -56,3 +56,19 @@ def test_unparsable_list(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "distortion", "--dims", "a,b"])
     assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_number_list_types_name_the_problem():
+    import argparse
+
+    from tq_cli.bench_cli import float_list, int_list
+
+    assert int_list("1, 2,3") == [1, 2, 3] and float_list("0.5,1") == [0.5, 1.0]
+    for fn, text, message in [
+        (int_list, "1,x", "comma-separated integers"),
+        (float_list, "0.5,y", "comma-separated numbers"),
+        (int_list, ",", "at least one integer"),
+        (float_list, "", "at least one number"),
+    ]:
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            fn(text)

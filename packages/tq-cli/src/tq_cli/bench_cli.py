@@ -6,19 +6,29 @@ import argparse
 import json
 import sys
 
-__all__ = ["add_bench_commands", "emit_json", "int_list"]
+__all__ = ["add_bench_commands", "emit_json", "float_list", "int_list"]
+
+
+def _number_list(text: str, convert, what: str) -> list:
+    try:
+        values = [convert(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated {what}s, got {text!r}"
+        ) from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one {what}")
+    return values
 
 
 def int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
+    """argparse type: comma-separated integers."""
+    return _number_list(text, int, "integer")
+
+
+def float_list(text: str) -> list[float]:
+    """argparse type: comma-separated numbers."""
+    return _number_list(text, float, "number")
 
 
 def _shape_list(text: str) -> list[tuple[int, int]]:

@@ -25,22 +25,8 @@ QUESTION = "\n\nWhat is the secret code? Answer with the number only."
 _OFFSET = 7919  # filler tokens between the haystacks of successive trials
 
 
-def _float_list(text: str) -> list[float]:
-    import argparse
-
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one number")
-    return values
-
-
 def add_arguments(parser) -> None:
-    from .bench_cli import int_list as _int_list
+    from .bench_cli import float_list, int_list
     from .kv_settings import add_setting_arguments
 
     add_setting_arguments(parser, default=DEFAULT_SETTINGS)
@@ -51,13 +37,13 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--lengths",
-        type=_int_list,
+        type=int_list,
         default=[1024, 2048, 4096, 8192],
         help="prompt lengths in tokens (default 1024,2048,4096,8192)",
     )
     parser.add_argument(
         "--depths",
-        type=_float_list,
+        type=float_list,
         default=[0.1, 0.3, 0.5, 0.7, 0.9],
         help="needle depths in [0, 1] of the compressed region (default 0.1,0.3,0.5,0.7,0.9)",
     )
