@@ -111,6 +111,19 @@ def _attend_kernel(layout: AttendLayout, backend: str):
     return _compiled(attend_source(layout, backend), backend, False)
 
 
+def _attend(layout: AttendLayout, backend: str, inputs: list, nsplit: int, columns: int):
+    """One attend launch: ``nsplit`` sequence splits plus the fp16 segment's threadgroup per
+    (batch x KV head) column; returns the per-split partial outputs and (max, sum) rows."""
+    rb, dv = layout.rows, layout.dv
+    return _attend_kernel(layout, backend)(
+        inputs=inputs,
+        grid=((nsplit + 1) * ATTEND_THREADS, columns, 1),
+        threadgroup=(ATTEND_THREADS, 1, 1),
+        output_shapes=[(columns, nsplit + 1, rb, dv), (columns, nsplit + 1, rb, 2)],
+        output_dtypes=[mx.float32, mx.float32],
+    )
+
+
 @cache
 def _finish_kernel(layout: AttendLayout, backend: str):
     return _compiled(finish_source(layout, backend), backend, True)
@@ -237,14 +250,7 @@ def raw_kv_attention(
     for p in values:
         inputs += [p.idx, p.norm, p.codebook]
     inputs += [sink_k, sink_v, tail_k, tail_v]
-    rb = layout.rows
-    o, ml = _attend_kernel(layout, backend)(
-        inputs=inputs,
-        grid=((nsplit + 1) * ATTEND_THREADS, b * h, 1),
-        threadgroup=(ATTEND_THREADS, 1, 1),
-        output_shapes=[(b * h, nsplit + 1, rb, dv), (b * h, nsplit + 1, rb, 2)],
-        output_dtypes=[mx.float32, mx.float32],
-    )
+    o, ml = _attend(layout, backend, inputs, nsplit, b * h)
     finish = [o, ml, sinks.astype(mx.float32) if sinks is not None else counts, counts]
     finish += [p.signs for p in values]
     if vperm is not None:
@@ -313,13 +319,7 @@ def packed_kv_attention(
     for p in values:
         inputs += [p.idx, p.norm, p.codebook]
     inputs += [sink_k, sink_v, tail_k, tail_v]
-    o, ml = _attend_kernel(layout, backend)(
-        inputs=inputs,
-        grid=((nsplit + 1) * ATTEND_THREADS, b * h, 1),
-        threadgroup=(ATTEND_THREADS, 1, 1),
-        output_shapes=[(b * h, nsplit + 1, rb, dv), (b * h, nsplit + 1, rb, 2)],
-        output_dtypes=[mx.float32, mx.float32],
-    )
+    o, ml = _attend(layout, backend, inputs, nsplit, b * h)
     if sinks is None:
         sink_logits = mx.full((h, rb), -float("inf"), mx.float32)
     else:
