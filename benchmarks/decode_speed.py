@@ -142,9 +142,10 @@ def main():
         "rows": rows,
     }
     text = json.dumps(out, indent=2)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text)
+    if args.json:  # written whole or not at all
+        from tq_cli.atomic_write import write_text_atomic
+
+        write_text_atomic(args.json, text + "\n")
     print(text)
 
 
