@@ -43,9 +43,7 @@ def main():
     out = []
     for kind, s in [("fp16", None)] + [(x["name"], x) for x in settings]:
         cache = bench_kv._make_cache(model, kind, s)
-        for i in range(0, args.context, 2048):
-            logits = model(prompt[None, i : i + 2048], cache=cache)
-            mx.eval(logits, [c.state for c in cache])
+        logits = bench_kv.prefill(model, prompt, cache)
         tok = mx.argmax(logits[:, -1], axis=-1)
         full, tok = step_time(model, cache, tok, args.tokens)
         # The same step with attention a no-op: what remains is the model and cache updates.

@@ -188,3 +188,35 @@ def test_packed_codes_are_reused_until_the_codes_change():
     assert any(not np.array_equal(np.array(after[0][n]), before[n]) for n in before)
     want = cache._k_codec.decode(after[0])
     assert mx.allclose(want, cache._k_codec.decode(cache.packed_codes()[0])).item()
+
+
+def test_prefill_chunks_evaluate_each_layer_and_decode_does_not(monkeypatch):
+    """A prefill chunk over packed tokens evaluates its keys/values and codes in
+    update_and_fetch (one layer's temporaries freed before the next layer's); a decode
+    step stays lazy; under mx.compile the evaluation is skipped and the result is exact."""
+    from tq_kvcache import cache as cache_module
+
+    calls = []
+    real_eval = mx.eval
+    monkeypatch.setattr(cache_module.mx, "eval", lambda *a: calls.append(len(a)) or real_eval(*a))
+    cache = TurboQuantKVCache(sink_tokens=4, buffer=8, flush_batch=4)
+    cache.update_and_fetch(*_kv(40))  # first chunk: nothing packed yet, nothing to evaluate
+    assert calls == []
+    keys, values = cache.update_and_fetch(*_kv(40, seed=1))  # flushes 28 tokens, then packed
+    assert len(calls) == 1 and calls[0] >= 2
+    cache.update_and_fetch(*_kv(1, seed=2))  # decode
+    assert len(calls) == 1
+
+    monkeypatch.setattr(cache_module, "PREFILL_EVAL", False)
+    lazy = TurboQuantKVCache(sink_tokens=4, buffer=8, flush_batch=4)
+    lazy.update_and_fetch(*_kv(40))
+    want = lazy.update_and_fetch(*_kv(40, seed=1))
+    assert len(calls) == 1
+    assert mx.array_equal(keys, want[0]).item() and mx.array_equal(values, want[1]).item()
+
+    monkeypatch.setattr(cache_module, "PREFILL_EVAL", True)
+    traced = TurboQuantKVCache(sink_tokens=4, buffer=8, flush_batch=4)
+    traced.update_and_fetch(*_kv(40))
+    k2, v2 = _kv(40, seed=1)
+    got = mx.compile(lambda k, v: traced.update_and_fetch(k, v))(k2, v2)
+    assert mx.array_equal(got[0], keys).item()

@@ -55,6 +55,8 @@ CASES = [
     (1, 32, 8, 128, 5000, 0, 1, dict(k_bits=4, v_bits=3)),  # many splits, GQA 4
     (2, 16, 2, 128, 3000, 8, 2, dict(k_bits=3, v_bits=2)),  # 16 rows, causal tail
     (1, 4, 4, 64, 600, 0, 1, dict(k_bits=1, v_bits=2, key_mode="prod", sink_tokens=0, buffer=0)),
+    # 200 sinks + 150 tail + 3 new: the fp16 split spans two tiles, the second partial
+    (1, 8, 2, 128, 2000, 3, 1, dict(k_bits=4, v_bits=3, sink_tokens=200, buffer=150)),
 ]
 
 

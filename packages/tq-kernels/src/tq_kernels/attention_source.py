@@ -34,7 +34,7 @@ from .attention_layout import (
 from .attention_rotation_source import q_load_prepared, q_load_raw
 from .prelude import prelude, thread_ids
 
-__all__ = ["attend_source"]
+__all__ = ["attend_source", "prefetches_values", "shared_bytes", "SHARED_BUDGET"]
 
 
 _AT = re.compile(r"TQ_AT\((\w+), (\w+)\)")
@@ -129,14 +129,25 @@ def _key_part_code(i: int, p: KeyPartLayout, cb_off: int, dq: int) -> str:
     return "\n".join(out)
 
 
-def _value_part_code(j: int, p: ValuePartLayout, cb_off: int, acc_off: int) -> str:
+def _value_words(j: int, p: ValuePartLayout) -> int:
+    return p.width // 32 * p.bits
+
+
+def _value_part_code(j: int, p: ValuePartLayout, cb_off: int, acc_off: int, woff) -> str:
     """Warp-per-token accumulation of value part ``j``: lane owns width/32 coordinates, read
-    with one or two word loads (its codes are consecutive bits of the token's stream)."""
+    with one or two word loads (its codes are consecutive bits of the token's stream). With
+    ``woff`` (an int) the token's words and norm come from the tile's prefetch in
+    threadgroup memory (``vw_sh`` at word ``woff``, ``vn_sh``), else from device memory."""
     c = p.width // 32
+    if woff is None:
+        words = f"(v{j}_idx + TQ_AT(v{j}_idx, tt))"
+        norm = f"tq_float(v{j}_norm[TQ_AT(v{j}_norm, tt)])"
+    else:
+        words = f"(vw_sh + jt * VS + {woff})"
+        norm = f"vn_sh[jt * NVP + {j}]"
     head = [
         f"        {{  // value part {j}: width {p.width}, {p.bits} bits",
-        f"          const size_t vb = TQ_AT(v{j}_idx, tt);",
-        f"          const float vn = tq_float(v{j}_norm[TQ_AT(v{j}_norm, tt)]);",
+        f"          const float vn = {norm};",
     ]
     if 32 % c == 0 and c * p.bits <= 32:
         # Coordinates lane*c .. lane*c + c - 1 sit in one 32-value block, at consecutive
@@ -144,9 +155,9 @@ def _value_part_code(j: int, p: ValuePartLayout, cb_off: int, acc_off: int) -> s
         extract = [
             f"          const int bit0 = ((lane * {c}) >> 5) * {32 * p.bits} + "
             f"((lane * {c}) & 31) * {p.bits};",
-            f"          const tq_uint lo = v{j}_idx[vb + (bit0 >> 5)];",
+            f"          const tq_uint lo = {words}[bit0 >> 5];",
             f"          const tq_uint hi = ((bit0 & 31) + {c * p.bits} > 32) ? "
-            f"v{j}_idx[vb + (bit0 >> 5) + 1] : 0u;",
+            f"{words}[(bit0 >> 5) + 1] : 0u;",
             "          const int sh = bit0 & 31;",
             "          const tq_uint bits = sh ? ((lo >> sh) | (hi << (32 - sh))) : lo;",
             "#pragma unroll",
@@ -159,7 +170,7 @@ def _value_part_code(j: int, p: ValuePartLayout, cb_off: int, acc_off: int) -> s
             "#pragma unroll",
             f"          for (int e = 0; e < {c}; ++e) {{",
             f"            const float cv = vn * cb_sh[{cb_off} + "
-            f"{_code(f'(v{j}_idx + vb)', f'lane * {c} + e', p.bits)}];",
+            f"{_code(words, f'lane * {c} + e', p.bits)}];",
         ]
     return "\n".join(
         [
@@ -173,6 +184,29 @@ def _value_part_code(j: int, p: ValuePartLayout, cb_off: int, acc_off: int) -> s
     )
 
 
+def _value_prefetch(layout: AttendLayout) -> tuple[str, str]:
+    """(load, store) text of the tile's value prefetch: each thread loads its token's value
+    words and norms with the key loads (both in flight during the scoring) and stores them
+    to threadgroup memory after it, so the warp-per-token value loop reads no device memory:
+    that loop's one dependent load per token bounded the kernel by latency."""
+    load, store, woff = [], [], 0
+    for j, p in enumerate(layout.values):
+        nw = _value_words(j, p)
+        load += [
+            f"        tq_uint vw{j}[{nw}];",
+            f"        tq_load_words<{nw}>(vw{j}, v{j}_idx + TQ_AT(v{j}_idx, t));",
+            f"        const float vn{j} = tq_float(v{j}_norm[TQ_AT(v{j}_norm, t)]);",
+        ]
+        store += [
+            "#pragma unroll",
+            f"        for (int k = 0; k < {nw}; ++k) "
+            f"vw_sh[(int)tq_tid * VS + {woff} + k] = vw{j}[k];",
+            f"        vn_sh[(int)tq_tid * NVP + {j}] = vn{j};",
+        ]
+        woff += nw
+    return "\n".join(load), "\n".join(store)
+
+
 _ATTEND_BODY = r"""
   // Grid: x = splits (the last one: fp16 sinks and tail), y = batch x KV head.
   const int NWARPS = NT / 32;
@@ -182,7 +216,7 @@ _ATTEND_BODY = r"""
   TQ_SHARED float p_sh[NT * R];               // tile probabilities [token][row]; then o
   TQ_SHARED float red_sh[NWARPS * R];
   TQ_SHARED float cb_sh[CBN];
-
+PREFETCH_DECL
   const int lane = (int)(tq_tid & 31u);
   const int warp = (int)(tq_tid >> 5);
   const int split = tq_bx;
@@ -216,31 +250,43 @@ CB_LOADS
 
   for (int tile = begin; tile < end; tile += NT) {
     const int t = tile + (int)tq_tid;
+    const int ntile = min(NT, end - tile);
     float s[R];
-    for (int r = 0; r < R; ++r) s[r] = 0.0f;
-    if (t < end) {
-      if (!fp) {
+    for (int r = 0; r < R; ++r) s[r] = TQ_NEG_INF;
+    if (t < end && !fp) {
+      for (int r = 0; r < R; ++r) s[r] = 0.0f;
+VALUE_LOAD
 KEY_PARTS
-      } else {
-        // An fp16 sink or tail key, original basis: a plain dot product.
-        const bool sink = t < n_sink;
-        const int j = sink ? t : t - n_sink;
-        const size_t kb = sink
-            ? TQ_AT(sink_k, j)
-            : TQ_AT(tail_k, j);
-        TQ_TGPTR float* qs = (TQ_TGPTR float*)q_sh4;
-        for (int d = 0; d < DK; ++d) {
-          const float kv = sink ? tq_float(sink_k[kb + d]) : tq_float(tail_k[kb + d]);
-          for (int r = 0; r < R; ++r) s[r] += qs[r * DK + d] * kv;
+VALUE_STORE
+    } else if (t < end) {
+      // An fp16 sink or tail key, original basis: the token's row in 16-byte loads, 32
+      // coordinates at a time (all issued before the arithmetic), dotted with the rows.
+      const bool sink = t < n_sink;
+      const int j = sink ? t : t - n_sink;
+      const size_t kb = sink ? TQ_AT(sink_k, j) : TQ_AT(tail_k, j);
+      for (int r = 0; r < R; ++r) s[r] = 0.0f;
+#pragma unroll
+      for (int d0 = 0; d0 < DK; d0 += 32) {
+        float kv[32];
+#pragma unroll
+        for (int u = 0; u < 32; u += 8) {
+          if (sink) tq_load_x8(kv + u, sink_k + kb + d0 + u);
+          else tq_load_x8(kv + u, tail_k + kb + d0 + u);
         }
-        if (!sink && causal) {
-          // Row r is query r % L of its head; the last L tail tokens are the queries'.
-          for (int r = 0; r < R; ++r)
-            if (j > n_tail - L + (r % L)) s[r] = TQ_NEG_INF;
+#pragma unroll
+        for (int e = 0; e < 32; e += 4) {
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            const float4 qv = q_sh4[(r * DK + d0 + e) >> 2];
+            s[r] += qv.x * kv[e] + qv.y * kv[e + 1] + qv.z * kv[e + 2] + qv.w * kv[e + 3];
+          }
         }
       }
-    } else {
-      for (int r = 0; r < R; ++r) s[r] = TQ_NEG_INF;
+      if (!sink && causal) {
+        // Row r is query r % L of its head; the last L tail tokens are the queries'.
+        for (int r = 0; r < R; ++r)
+          if (j > n_tail - L + (r % L)) s[r] = TQ_NEG_INF;
+      }
     }
 
     // Online softmax over the tile (Milakov & Gimelshein): one running max per row,
@@ -269,24 +315,41 @@ KEY_PARTS
     }
     TQ_BARRIER();
 
-    // Values: warp w takes tokens w, w + NWARPS, ... of the tile.
-    const int ntile = min(NT, end - tile);
-    for (int jt = warp; jt < ntile; jt += NWARPS) {
-      const int tt = tile + jt;
-      float pr[R];
-      for (int r = 0; r < R; ++r) pr[r] = p_sh[jt * R + r];
-      if (!fp) {
+    if (!fp) {
+      // Values: warp w takes tokens w, w + NWARPS, ... of the tile.
+      for (int jt = warp; jt < ntile; jt += NWARPS) {
+        const int tt = tile + jt;
+        float pr[R];
+        for (int r = 0; r < R; ++r) pr[r] = p_sh[jt * R + r];
 VALUE_PARTS
-      } else {
-        const bool sink = tt < n_sink;
-        const int j = sink ? tt : tt - n_sink;
-        const size_t vb = sink
-            ? TQ_AT(sink_v, j)
-            : TQ_AT(tail_v, j);
-        for (int e = 0; e < VC; ++e) {
-          const int d = lane * VC + e;
-          const float vv = sink ? tq_float(sink_v[vb + d]) : tq_float(tail_v[vb + d]);
-          for (int r = 0; r < R; ++r) acc[r][e] += pr[r] * vv;
+      }
+    } else {
+      // fp16 values, original basis: warp w takes FU consecutive tokens at a time and
+      // issues their loads together (one dependent load per token bounded this loop).
+      for (int j0 = warp * FU; j0 < ntile; j0 += NWARPS * FU) {
+        float vv[FU][VC];
+#pragma unroll
+        for (int u = 0; u < FU; ++u) {
+          const int tt = tile + j0 + u;
+          const bool sink = tt < n_sink;
+          const int j = sink ? tt : tt - n_sink;
+          const bool live = j0 + u < ntile;
+          const size_t vb = !live ? 0 : sink ? TQ_AT(sink_v, j) : TQ_AT(tail_v, j);
+#pragma unroll
+          for (int e = 0; e < VC; ++e) {
+            const int d = lane * VC + e;
+            vv[u][e] = !live ? 0.0f : sink ? tq_float(sink_v[vb + d]) : tq_float(tail_v[vb + d]);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < FU; ++u) {
+          if (j0 + u < ntile) {
+            for (int r = 0; r < R; ++r) {
+              const float pr = p_sh[(j0 + u) * R + r];
+#pragma unroll
+              for (int e = 0; e < VC; ++e) acc[r][e] += pr * vv[u][e];
+            }
+          }
         }
       }
     }
@@ -331,6 +394,38 @@ def _out_pos(layout: AttendLayout) -> tuple[str, str]:
     return "(fp ? (lane * VC + e) : (lane * tq_vmul[e] + tq_vadd[e]))", decl
 
 
+#: Threadgroup memory the attend kernel may use: Metal's limit (CUDA allows 48 KiB static),
+#: so that one kernel text serves both backends.
+SHARED_BUDGET = 32 * 1024
+
+
+def _value_stride(layout: AttendLayout) -> int:
+    """Words per token in the value prefetch: odd, so that the threads' stores of one word
+    index fall in distinct banks."""
+    return sum(_value_words(j, p) for j, p in enumerate(layout.values)) | 1
+
+
+def _fp_unroll(layout: AttendLayout) -> int:
+    """fp16 value tokens whose loads a warp issues together (registers: FU * Dv/32)."""
+    return min(8, max(2, 32 // layout.rows))
+
+
+def shared_bytes(layout: AttendLayout, prefetch: bool) -> int:
+    """Threadgroup memory of the attend kernel for ``layout``."""
+    qw = max(layout.dq, layout.dk)
+    floats = layout.rows * qw + ATTEND_THREADS * layout.rows
+    floats += ATTEND_THREADS // 32 * layout.rows + layout.codebook_floats
+    if prefetch:
+        floats += ATTEND_THREADS * (_value_stride(layout) + len(layout.values))
+    return 4 * floats
+
+
+def prefetches_values(layout: AttendLayout) -> bool:
+    """Whether the attend kernel stages each tile's value codes in threadgroup memory (where
+    it fits :data:`SHARED_BUDGET`; else the value loop reads device memory)."""
+    return shared_bytes(layout, True) <= SHARED_BUDGET
+
+
 def attend_source(layout: AttendLayout, backend: str):
     """(name, header, body, input names, output names) of the attend kernel for ``layout``."""
     cb_off, key_code, cb_loads = 0, [], []
@@ -344,20 +439,32 @@ def attend_source(layout: AttendLayout, backend: str):
             cb_off += 1 << p.bits
         else:
             key_code.append(_key_part_code(i, p, 0, layout.dq))
-    value_code, acc_off = [], 0
+    prefetch = prefetches_values(layout)
+    value_code, acc_off, woff = [], 0, 0
     for j, p in enumerate(layout.values):
-        value_code.append(_value_part_code(j, p, cb_off, acc_off))
+        value_code.append(_value_part_code(j, p, cb_off, acc_off, woff if prefetch else None))
         cb_loads.append(
             f"  for (int i = (int)tq_tid; i < {1 << p.bits}; i += NT) "
             f"cb_sh[{cb_off} + i] = v{j}_cb[i];"
         )
         cb_off += 1 << p.bits
         acc_off += p.width // 32
+        woff += _value_words(j, p)
+    load, store = _value_prefetch(layout) if prefetch else ("", "")
+    decl = (
+        "  TQ_SHARED tq_uint vw_sh[NT * VS];         // the tile's value words, by token\n"
+        "  TQ_SHARED float vn_sh[NT * NVP];          // and their norms\n"
+        if prefetch
+        else ""
+    )
     first = next(i for i, p in enumerate(layout.keys) if p.bits or p.prod)
     probe = f"k{first}_idx" if layout.keys[first].bits else f"k{first}_sgn"
     body = (
         _ATTEND_BODY.replace("KEY_PARTS", "\n".join(key_code))
         .replace("VALUE_PARTS", "\n".join(value_code))
+        .replace("VALUE_LOAD", load)
+        .replace("VALUE_STORE", store)
+        .replace("PREFETCH_DECL", decl)
         .replace("CB_LOADS", "\n".join(cb_loads))
         .replace("Q_LOAD", q_load_raw(layout) if layout.raw else q_load_prepared)
         .replace("OUT_POS", _out_pos(layout)[0])
@@ -368,6 +475,8 @@ def attend_source(layout: AttendLayout, backend: str):
         f"  const int NT = {ATTEND_THREADS};\n  const int R = {layout.rows};\n"
         f"  const int DQ = {layout.dq};\n  const int DK = {layout.dk};\n"
         f"  const int DV = {layout.dv};\n  const int CBN = {layout.codebook_floats};\n"
+        f"  const int FU = {_fp_unroll(layout)};\n"
+        f"  const int VS = {_value_stride(layout)};\n  const int NVP = {len(layout.values)};\n"
         + _out_pos(layout)[1]
     )
     header = prelude(backend) + _HELPERS

@@ -25,6 +25,12 @@ __all__ = ["TurboQuantKVCache", "STATE_VERSION", "DECODE_MAX_QUERIES"]
 #: Up to this many queries per call attend straight from the codes; longer calls (prefill
 #: chunks) dequantize the packed tokens and run the fp16 kernel.
 DECODE_MAX_QUERIES = 8
+#: A prefill chunk evaluates each layer's packed codes and dequantized keys/values before
+#: its attention, so the encode/decode temporaries of one layer are freed before the next
+#: layer makes its own. Without it a lazy chunk builds every layer's temporaries into one
+#: graph, and MLX-CUDA keeps an op's inputs alive until the CUDA graph holding it completes
+#: (several layers at a time), which raised the prefill peak above the fp16 cache's.
+PREFILL_EVAL = True
 _STEP = 256
 
 
@@ -46,6 +52,16 @@ def _after(codes: dict, dependency: mx.array) -> dict:
     """``codes`` whose evaluation waits for ``dependency`` (no copy: ``mx.depends``)."""
     names = list(codes)
     return dict(zip(names, mx.depends([codes[n] for n in names], [dependency])))
+
+
+def _eval_outside_transforms(*arrays: mx.array) -> None:
+    """``mx.eval`` unless MLX is tracing (``mx.compile``/``vmap``), where arrays are
+    placeholders that cannot be evaluated and the graph is evaluated by the caller."""
+    try:
+        mx.eval(*arrays)
+    except ValueError as exc:
+        if "transformations" not in str(exc):
+            raise
 
 
 def _length(x: mx.array | None) -> int:
@@ -153,7 +169,13 @@ class TurboQuantKVCache(CacheState):
             self._build_codecs(keys, values)
         self._flush()
         self._append(keys, values)
-        return self._full_kv(keys.dtype, decode=keys.shape[2] <= DECODE_MAX_QUERIES, after=keys)
+        decode = keys.shape[2] <= DECODE_MAX_QUERIES
+        full_k, full_v = self._full_kv(keys.dtype, decode=decode, after=keys)
+        if not decode and PREFILL_EVAL and self._n_packed:
+            _eval_outside_transforms(
+                full_k, full_v, *self._packed_k.values(), *self._packed_v.values()
+            )
+        return full_k, full_v
 
     def _append(self, keys: mx.array, values: mx.array):
         n = keys.shape[2]
