@@ -29,6 +29,42 @@ def step_time(model, cache, tok, tokens):
     return statistics.median(times) * 1e3, tok
 
 
+def stubbed_step(model, cache, tok, tokens):
+    from tq_kernels import attention
+
+    saved = attention._attend_kernel, attention._finish_kernel
+
+    def stub(*_):
+        return lambda inputs, output_shapes, output_dtypes, **kw: [
+            mx.zeros(shape, dtype) for shape, dtype in zip(output_shapes, output_dtypes)
+        ]
+
+    attention._attend_kernel = attention._finish_kernel = stub
+    try:
+        return step_time(model, cache, tok, tokens)
+    finally:
+        attention._attend_kernel, attention._finish_kernel = saved
+
+
+def attention_alone(model, cache) -> float:
+    """ms for one decode step's attention of every layer, chained, on the model's caches."""
+    from tq_kvcache.attention import cache_attention
+
+    args = model.args
+    heads, dim = args.num_attention_heads, args.hidden_size // args.num_attention_heads
+    dim = getattr(args, "head_dim", None) or dim
+    q = mx.random.normal((1, heads, 1, dim)).astype(mx.float16)
+    mx.eval(q)
+    times = []
+    for _ in range(4):
+        mx.synchronize()
+        t0 = time.perf_counter()
+        outs = [cache_attention(q, c, dim**-0.5) for c in cache]
+        mx.eval(outs)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:]) * 1e3
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-dir", required=True)
@@ -63,6 +99,12 @@ def main():
             "no_attention_ms": no_attn,
             "attention_ms": full - no_attn,
         }
+        if s is not None:
+            # The step with the attention kernels replaced by outputs of their shapes (host
+            # and graph cost of the attention path), and the layers' attention alone,
+            # chained over the model's own caches (what `tq bench kv` times per call).
+            row["stub_kernels_ms"], tok = stubbed_step(model, cache, tok, args.tokens)
+            row["attention_alone_ms"] = attention_alone(model, cache)
         print(row, flush=True)
         out.append(row)
         del cache

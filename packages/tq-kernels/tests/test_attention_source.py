@@ -1,7 +1,7 @@
 """Packed-KV attention kernel source: one body for CUDA and Metal per codes layout (CI)."""
 
 import pytest
-from tq_kernels.attention import KeyPart, ValuePart, _layout, split_plan
+from tq_kernels.attention import KeyPart, ValuePart, _layout, fp_splits, split_plan
 from tq_kernels.attention_layout import (
     ATTEND_THREADS,
     AttendLayout,
@@ -47,7 +47,7 @@ def test_attend_source_is_one_body_for_both_backends(name):
 
 def test_combine_source_for_both_backends():
     cuda, metal = combine_source("cuda"), combine_source("metal")
-    assert _strip(cuda[2]) == _strip(metal[2]) and cuda[3] == ("o", "ml", "sinks")
+    assert _strip(cuda[2]) == _strip(metal[2]) and cuda[3] == ("o", "ml", "sinks", "counts")
 
 
 def test_layout_checks():
@@ -69,6 +69,21 @@ def test_split_plan_covers_every_token_in_whole_tiles(n, heads):
     assert chunk % ATTEND_THREADS == 0
     assert (splits - 1) * chunk < n <= splits * chunk
     assert splits * heads <= 528 or chunk == ATTEND_THREADS
+
+
+@pytest.mark.parametrize("n_fp,splits", [(0, 1), (1, 1), (256, 1), (257, 2), (320, 2), (513, 3)])
+def test_fp16_tokens_take_one_split_per_tile(n_fp, splits):
+    assert ATTEND_THREADS == 256 and fp_splits(n_fp) == splits
+
+
+def test_every_kernel_counts_the_fp16_splits_as_the_launch_does():
+    """The launch sizes the grid with fp_splits(n_sink + n_tail); attend, combine and
+    finish each derive the same count in their text (the merges add the last ones in the
+    original basis)."""
+    layout, _ = _layout(*LAYOUTS["k4v3"], 4, 128, 128, True)
+    assert "max(1, (n_sink + n_tail + NT - 1) / NT)" in attend_source(layout, "cuda")[2]
+    assert "max(1, (counts[1] + counts[2] + NTA - 1) / NTA)" in combine_source("cuda")[2]
+    assert "max(1, (counts[1] + counts[2] + NTF - 1) / NTF)" in finish_source(layout, "cuda")[2]
 
 
 def test_value_positions_follow_the_parts():

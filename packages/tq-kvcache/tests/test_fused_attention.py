@@ -57,6 +57,10 @@ CASES = [
     (1, 4, 4, 64, 600, 0, 1, dict(k_bits=1, v_bits=2, key_mode="prod", sink_tokens=0, buffer=0)),
     # 200 sinks + 150 tail + 3 new: the fp16 split spans two tiles, the second partial
     (1, 8, 2, 128, 2000, 3, 1, dict(k_bits=4, v_bits=3, sink_tokens=200, buffer=150)),
+    # the same across two fp16 splits with prod keys (prepared mode, combine kernel) and
+    # with two causal queries whose own tokens sit in the second fp16 split
+    (1, 4, 2, 128, 1500, 2, 1, dict(k_bits=3, v_bits=3, key_mode="prod", sink_tokens=300)),
+    (1, 8, 4, 64, 1200, 6, 2, dict(k_bits=4, v_bits=3, sink_tokens=130, buffer=260)),
 ]
 
 

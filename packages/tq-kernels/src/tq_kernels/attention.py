@@ -111,15 +111,22 @@ def _attend_kernel(layout: AttendLayout, backend: str):
     return _compiled(attend_source(layout, backend), backend, False)
 
 
-def _attend(layout: AttendLayout, backend: str, inputs: list, nsplit: int, columns: int):
-    """One attend launch: ``nsplit`` sequence splits plus the fp16 segment's threadgroup per
-    (batch x KV head) column; returns the per-split partial outputs and (max, sum) rows."""
+def fp_splits(n_fp: int) -> int:
+    """Splits of the fp16 sink and tail tokens: one per tile, at least one."""
+    return max(1, -(-n_fp // ATTEND_THREADS))
+
+
+def _attend(layout: AttendLayout, backend: str, inputs: list, nsplit: int, n_fp: int, cols: int):
+    """One attend launch: ``nsplit`` sequence splits of the packed tokens, then the splits of
+    the ``n_fp`` fp16 tokens, per (batch x KV head) column; returns the per-split partial
+    outputs and (max, sum) rows."""
     rb, dv = layout.rows, layout.dv
+    splits = nsplit + fp_splits(n_fp)
     return _attend_kernel(layout, backend)(
         inputs=inputs,
-        grid=((nsplit + 1) * ATTEND_THREADS, columns, 1),
+        grid=(splits * ATTEND_THREADS, cols, 1),
         threadgroup=(ATTEND_THREADS, 1, 1),
-        output_shapes=[(columns, nsplit + 1, rb, dv), (columns, nsplit + 1, rb, 2)],
+        output_shapes=[(cols, splits, rb, dv), (cols, splits, rb, 2)],
         output_dtypes=[mx.float32, mx.float32],
     )
 
@@ -250,7 +257,7 @@ def raw_kv_attention(
     for p in values:
         inputs += [p.idx, p.norm, p.codebook]
     inputs += [sink_k, sink_v, tail_k, tail_v]
-    o, ml = _attend(layout, backend, inputs, nsplit, b * h)
+    o, ml = _attend(layout, backend, inputs, nsplit, n_sink + n_tail, b * h)
     finish = [o, ml, sinks.astype(mx.float32) if sinks is not None else counts, counts]
     finish += [p.signs for p in values]
     if vperm is not None:
@@ -319,7 +326,7 @@ def packed_kv_attention(
     for p in values:
         inputs += [p.idx, p.norm, p.codebook]
     inputs += [sink_k, sink_v, tail_k, tail_v]
-    o, ml = _attend(layout, backend, inputs, nsplit, b * h)
+    o, ml = _attend(layout, backend, inputs, nsplit, n_sink + n_tail, b * h)
     if sinks is None:
         sink_logits = mx.full((h, rb), -float("inf"), mx.float32)
     else:
@@ -328,7 +335,7 @@ def packed_kv_attention(
             sink_logits = mx.pad(sink_logits, [(0, 0), (0, rb - rows)], -float("inf"))
     total = b * h * rb * dv
     rot, fp = _combine_kernel(backend)(
-        inputs=[o, ml, sink_logits],
+        inputs=[o, ml, sink_logits, counts],
         grid=(-(-total // _COMBINE_THREADS) * _COMBINE_THREADS, 1, 1),
         threadgroup=(_COMBINE_THREADS, 1, 1),
         output_shapes=[(b, h, rb, dv), (b, h, rb, dv)],

@@ -20,7 +20,8 @@ __all__ = ["combine_source", "finish_source"]
 
 _COMBINE_BODY = r"""
   // One thread per (batch x head, row, coordinate): merge the splits' partial softmaxes.
-  const int S = ml_shape[1];                  // packed splits + the fp split
+  const int S = ml_shape[1];                  // packed splits, then the fp splits
+  const int NFP = max(1, (counts[1] + counts[2] + NTA - 1) / NTA);
   const int R = ml_shape[2];
   const int DV = o_shape[3];
   const size_t total = (size_t)ml_shape[0] * R * DV;
@@ -41,7 +42,7 @@ _COMBINE_BODY = r"""
     const float a = ms == TQ_NEG_INF ? 0.0f : tq_exp(ms - m);
     l += a * ml[slot * 2 + 1];
     const float v = a * o[slot * DV + d];
-    if (s + 1 < S) packed += v; else dense += v;
+    if (s < S - NFP) packed += v; else dense += v;
   }
   const float inv = l == 0.0f ? 0.0f : 1.0f / l;  // NaN scores stay NaN
   rot[tq_gid] = packed * inv;
@@ -54,8 +55,8 @@ def combine_source(backend: str):
     return (
         f"tq_kv_combine_{backend}",
         prelude(backend),
-        thread_ids(backend) + _COMBINE_BODY,
-        ("o", "ml", "sinks"),
+        thread_ids(backend) + f"  const int NTA = {ATTEND_THREADS};\n" + _COMBINE_BODY,
+        ("o", "ml", "sinks", "counts"),
         ("rot", "fp"),
     )
 
@@ -72,7 +73,8 @@ _FINISH_BODY = r"""
   const int RR = counts[5];
   const int H = counts[6];
   const int h = bh % H;
-  const int S = ml_shape[1];
+  const int S = ml_shape[1];                  // packed splits, then the fp splits
+  const int NFP = max(1, (counts[1] + counts[2] + NTF - 1) / NTF);
   const int RB = ml_shape[2];
   const int d = (int)tq_tid;
   float m = TQ_NEG_INF;
@@ -91,7 +93,7 @@ _FINISH_BODY = r"""
       const float a = ms == TQ_NEG_INF ? 0.0f : tq_exp(ms - m);
       l += a * ml[slot * 2 + 1];
       const float v = a * o[slot * DV + d];
-      if (s + 1 < S) packed += v; else dense += v;
+      if (s < S - NFP) packed += v; else dense += v;
     }
     const float inv = l == 0.0f ? 0.0f : 1.0f / l;  // NaN scores stay NaN
     rot_sh[d] = packed * inv;

@@ -8,10 +8,11 @@ arXiv 2504.19874 Sec. 3 applied to attention):
   computed one token per thread against the rotated query rows held in threadgroup memory;
   a tile of ``NT`` tokens updates an online softmax (running max per query row); values are
   accumulated one token per warp, each lane owning ``Dv / 32`` coordinates of the rotated
-  basis, so a lane reads only its own slice of a token's packed value. The last split holds
-  the fp16 sink and tail tokens (original basis, causal within the tail). Each split writes
-  its unnormalized output, running max and sum.
-  its unnormalized output, running max and sum. The splits are merged by
+  basis, so a lane reads only its own slice of a token's packed value; a tile's value codes
+  are staged in threadgroup memory with its key loads (:func:`prefetches_values`). The
+  splits after the packed ones hold the fp16 sink and tail tokens, one tile each (original
+  basis, causal within the tail). Each split writes its unnormalized output, running max
+  and sum. The splits are merged by
   :mod:`tq_kernels.attention_merge_source`; the raw-query prologue comes from
   :mod:`tq_kernels.attention_rotation_source`.
 
@@ -208,7 +209,7 @@ def _value_prefetch(layout: AttendLayout) -> tuple[str, str]:
 
 
 _ATTEND_BODY = r"""
-  // Grid: x = splits (the last one: fp16 sinks and tail), y = batch x KV head.
+  // Grid: x = splits (packed, then fp16 sinks and tail), y = batch x KV head.
   const int NWARPS = NT / 32;
   const int VC = DV / 32;                     // value coordinates per lane
   const int QW = DQ > DK ? DQ : DK;
@@ -231,14 +232,17 @@ PREFETCH_DECL
   const int causal = counts[4];
   const int n_packed = NPACKED_OF;
   const int nsplit = (n_packed + chunk - 1) / chunk;
-  const bool fp = split == nsplit;
+  // The fp16 sinks and tail take one split per tile after the packed splits (at least
+  // one): at short contexts one threadgroup over all of them was the slowest of the grid.
+  const int nfp = max(1, (n_sink + n_tail + NT - 1) / NT);
+  const bool fp = split >= nsplit;
 
 Q_LOAD
 CB_LOADS
   TQ_BARRIER();
 
-  const int begin = fp ? 0 : split * chunk;
-  const int end = fp ? n_sink + n_tail : min(n_packed, begin + chunk);
+  const int begin = fp ? (split - nsplit) * NT : split * chunk;
+  const int end = fp ? min(n_sink + n_tail, begin + NT) : min(n_packed, begin + chunk);
   float m_run[R];
   float l_th[R];
   float acc[R][VC];
@@ -370,7 +374,7 @@ VALUE_PARTS
     }
     TQ_BARRIER();
   }
-  const size_t slot = (size_t)bh * (nsplit + 1) + split;
+  const size_t slot = (size_t)bh * (nsplit + nfp) + split;
   for (int i = (int)tq_tid; i < R * DV; i += NT) o[slot * R * DV + i] = p_sh[i];
   if ((int)tq_tid < R) {
     float l = 0.0f;
