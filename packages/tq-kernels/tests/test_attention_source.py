@@ -1,7 +1,15 @@
 """Packed-KV attention kernel source: one body for CUDA and Metal per codes layout (CI)."""
 
 import pytest
-from tq_kernels.attention import KeyPart, ValuePart, _layout, fp_splits, split_plan
+from tq_kernels.attention import (
+    KeyPart,
+    ValuePart,
+    _counts,
+    _layout,
+    counts_values,
+    fp_splits,
+    split_plan,
+)
 from tq_kernels.attention_layout import (
     ATTEND_THREADS,
     AttendLayout,
@@ -76,14 +84,33 @@ def test_fp16_tokens_take_one_split_per_tile(n_fp, splits):
     assert ATTEND_THREADS == 256 and fp_splits(n_fp) == splits
 
 
-def test_every_kernel_counts_the_fp16_splits_as_the_launch_does():
-    """The launch sizes the grid with fp_splits(n_sink + n_tail); attend, combine and
-    finish each derive the same count in their text (the merges add the last ones in the
-    original basis)."""
+def test_every_kernel_reads_the_fp16_splits_the_launch_sizes():
+    """The launch sizes the grid with fp_splits(n_sink + n_tail) and passes it as counts[8];
+    attend, combine and finish read it there (the merges add the last NFP splits in the
+    original basis), and attend reads the sink/tail lengths from their arrays."""
     layout, _ = _layout(*LAYOUTS["k4v3"], 4, 128, 128, True)
-    assert "max(1, (n_sink + n_tail + NT - 1) / NT)" in attend_source(layout, "cuda")[2]
-    assert "max(1, (counts[1] + counts[2] + NTA - 1) / NTA)" in combine_source("cuda")[2]
-    assert "max(1, (counts[1] + counts[2] + NTF - 1) / NTF)" in finish_source(layout, "cuda")[2]
+    attend = attend_source(layout, "cuda")[2]
+    assert "const int nfp = counts[8];" in attend
+    assert "const int NFP = counts[8];" in combine_source("cuda")[2]
+    assert "const int NFP = counts[8];" in finish_source(layout, "cuda")[2]
+    assert "counts[2] ? (int)tail_k_shape[2] : 0" in attend
+    for n_sink, n_tail in [(0, 0), (128, 128), (128, 129), (0, 700)]:
+        values = counts_values(512, n_sink, n_tail, 1, False, 4, 8, True)
+        assert values == (
+            512,
+            int(n_sink > 0),
+            int(n_tail > 0),
+            1,
+            0,
+            4,
+            8,
+            1,
+            fp_splits(n_sink + n_tail),
+        )
+    # between flushes the tail grows but the counts array stays the same object
+    assert _counts(counts_values(512, 128, 130, 1, False)) is _counts(
+        counts_values(512, 128, 140, 1, False)
+    )
 
 
 def test_value_positions_follow_the_parts():

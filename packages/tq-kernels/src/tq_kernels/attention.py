@@ -9,7 +9,7 @@ codebook. See :mod:`tq_kernels.attention_source` for the kernels.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 
 import mlx.core as mx
 
@@ -34,6 +34,8 @@ __all__ = [
     "raw_queries_apply",
     "MAX_ATTEND_ROWS",
     "split_plan",
+    "fp_splits",
+    "counts_values",
 ]
 
 MAX_ATTEND_ROWS = ROW_BUCKETS[-1]
@@ -208,6 +210,33 @@ def raw_queries_apply(keys, values) -> bool:
     ) and all(p.bits for p in keys)
 
 
+def counts_values(chunk, n_sink, n_tail, queries_per_head, causal, rows=0, heads=0, sinks=False):
+    """The kernels' ``counts`` input: (tokens per packed split, sinks present, tail present,
+    queries per head, causal, query rows, KV heads, sink logits present, fp16 splits). The
+    sink and tail lengths themselves are read from those arrays' shapes, so between flushes
+    of the cache the tuple (and its array, :func:`_counts`) is the same every decode step."""
+    n_fp = n_sink + n_tail
+    return (
+        chunk,
+        int(n_sink > 0),
+        int(n_tail > 0),
+        queries_per_head,
+        int(causal),
+        rows,
+        heads,
+        int(sinks),
+        fp_splits(n_fp),
+    )
+
+
+@lru_cache(maxsize=512)
+def _counts(values: tuple) -> mx.array:
+    """One evaluated int32 array per distinct counts tuple: no host array per step."""
+    a = mx.array(values, mx.int32)
+    mx.eval(a)
+    return a
+
+
 @cache
 def _scale_param(scale: float) -> mx.array:
     a = mx.array([scale], mx.float32)
@@ -246,9 +275,7 @@ def raw_kv_attention(
         layout = raw_layout(keys, values, queries.shape, kperm is not None, vperm is not None)
     chunk, nsplit = split_plan(n_packed, b * h)
     sink_k, sink_v, tail_k, tail_v, n_sink, n_tail = _fp_inputs(fp_segments, b, h, dk, dv)
-    counts = mx.array(
-        [chunk, n_sink, n_tail, L, int(causal), rows, h, int(sinks is not None)], mx.int32
-    )
+    counts = _counts(counts_values(chunk, n_sink, n_tail, L, causal, rows, h, sinks is not None))
     inputs = [mx.contiguous(queries), _scale_param(float(scale)), counts]
     for p in keys:
         inputs += [p.idx, p.norm, p.codebook, p.signs]
@@ -315,7 +342,7 @@ def packed_kv_attention(
     chunk, nsplit = split_plan(n_packed, b * h)
 
     sink_k, sink_v, tail_k, tail_v, n_sink, n_tail = _fp_inputs(fp_segments, b, h, dk, dv)
-    counts = mx.array([chunk, n_sink, n_tail, queries_per_head, int(causal)], mx.int32)
+    counts = _counts(counts_values(chunk, n_sink, n_tail, queries_per_head, causal))
 
     inputs = [mx.contiguous(q.astype(mx.float32)), mx.contiguous(qf.astype(mx.float32)), counts]
     for p in keys:

@@ -21,7 +21,7 @@ __all__ = ["combine_source", "finish_source"]
 _COMBINE_BODY = r"""
   // One thread per (batch x head, row, coordinate): merge the splits' partial softmaxes.
   const int S = ml_shape[1];                  // packed splits, then the fp splits
-  const int NFP = max(1, (counts[1] + counts[2] + NTA - 1) / NTA);
+  const int NFP = counts[8];
   const int R = ml_shape[2];
   const int DV = o_shape[3];
   const size_t total = (size_t)ml_shape[0] * R * DV;
@@ -55,7 +55,7 @@ def combine_source(backend: str):
     return (
         f"tq_kv_combine_{backend}",
         prelude(backend),
-        thread_ids(backend) + f"  const int NTA = {ATTEND_THREADS};\n" + _COMBINE_BODY,
+        thread_ids(backend) + _COMBINE_BODY,
         ("o", "ml", "sinks", "counts"),
         ("rot", "fp"),
     )
@@ -74,7 +74,7 @@ _FINISH_BODY = r"""
   const int H = counts[6];
   const int h = bh % H;
   const int S = ml_shape[1];                  // packed splits, then the fp splits
-  const int NFP = max(1, (counts[1] + counts[2] + NTF - 1) / NTF);
+  const int NFP = counts[8];
   const int RB = ml_shape[2];
   const int d = (int)tq_tid;
   float m = TQ_NEG_INF;

@@ -226,15 +226,17 @@ PREFETCH_DECL
   const int b = bh / H;
   const int h = bh - b * H;
   const int chunk = counts[0];
-  const int n_sink = counts[1];
-  const int n_tail = counts[2];
+  // Sink and tail lengths come from the arrays (absent ones are flagged 0 in counts), so
+  // counts stays the same array from one decode step to the next.
+  const int n_sink = counts[1] ? (int)sink_k_shape[2] : 0;
+  const int n_tail = counts[2] ? (int)tail_k_shape[2] : 0;
   const int L = counts[3];
   const int causal = counts[4];
   const int n_packed = NPACKED_OF;
   const int nsplit = (n_packed + chunk - 1) / chunk;
   // The fp16 sinks and tail take one split per tile after the packed splits (at least
-  // one): at short contexts one threadgroup over all of them was the slowest of the grid.
-  const int nfp = max(1, (n_sink + n_tail + NT - 1) / NT);
+  // one, counts[8]): at short contexts one threadgroup over all of them was the slowest.
+  const int nfp = counts[8];
   const bool fp = split >= nsplit;
 
 Q_LOAD

@@ -109,7 +109,8 @@ class TurboQuantKVCache(CacheState):
         self._packed_v: dict[str, mx.array] = {}
         self._n_packed = 0
         self._packed_version = 0  # bumped on every change of the packed codes
-        self._decoded = None  # (version, dtype, keys, values): lazy dequantized packed tokens
+        # (version, dtype, sinks, keys, values): lazy [sinks | dequantized packed] for decode
+        self._decoded = None
         self._codes_memo = None  # (version, count, store arrays, codes): see packed_codes
         self._k_codec: KVCodec | None = None
         self._v_codec: KVCodec | None = None
@@ -246,29 +247,36 @@ class TurboQuantKVCache(CacheState):
 
     def _full_kv(self, dtype, decode: bool = False, after: mx.array | None = None):
         """Every token's keys and values, the packed ones dequantized, as lazy arrays. In
-        decode the dequantized part is built once per change of the packed codes and reused:
-        attention through the hook never evaluates it, so the per-token cost is two
-        concatenations instead of a dequantization graph per layer. In prefill the
-        dequantization is made to wait for ``after`` (this layer's new keys): it depends on
-        nothing else, and MLX would otherwise be free to run every layer's dequantization
-        up front and hold all of them in memory at once."""
+        decode ``[sinks | dequantized packed tokens]`` is built once per change of the
+        packed codes (or sinks) and reused: attention through the hook never evaluates it,
+        so the per-token cost is one concatenation with the tail instead of a
+        dequantization graph per layer. In prefill the dequantization is made to wait for
+        ``after`` (this layer's new keys): it depends on nothing else, and MLX would
+        otherwise be free to run every layer's dequantization up front and hold all of
+        them in memory at once."""
         keys = self._sink_k
         values = self._sink_v
         if self._n_packed:
             hit = self._decoded
-            if hit is not None and hit[0] == self._packed_version and hit[1] == dtype:
-                dk, dv = hit[2], hit[3]
+            if (
+                decode
+                and hit is not None
+                and hit[0] == self._packed_version
+                and hit[1] == dtype
+                and hit[2] is self._sink_k
+            ):
+                keys, values = hit[3], hit[4]
             else:
                 k_codes, v_codes = self.packed_codes()
                 if after is not None and not decode:
                     k_codes, v_codes = (_after(c, after) for c in (k_codes, v_codes))
-                dk = self._k_codec.decode(k_codes).astype(dtype)
-                dv = self._v_codec.decode(v_codes).astype(dtype)
+                keys = _cat(keys, self._k_codec.decode(k_codes).astype(dtype))
+                values = _cat(values, self._v_codec.decode(v_codes).astype(dtype))
             # Kept only for decode: a prefill chunk evaluates it, and a kept evaluated copy
             # would hold the packed tokens in fp16.
-            self._decoded = (self._packed_version, dtype, dk, dv) if decode else None
-            keys = _cat(keys, dk)
-            values = _cat(values, dv)
+            self._decoded = (
+                (self._packed_version, dtype, self._sink_k, keys, values) if decode else None
+            )
         return _cat(keys, self._tail_k), _cat(values, self._tail_v)
 
     def segments(self):
