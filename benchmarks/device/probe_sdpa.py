@@ -1,0 +1,70 @@
+"""fp16 SDPA and TurboQuant attention per decode step at long context, chained over 1 or N
+distinct caches (the `tq bench kv` way reuses one fp16 copy once it exceeds 256 MiB; the
+baseline in ../shared/device/README.md chains calls "each on its own weights").
+
+usage: python benchmarks/device/probe_sdpa.py [--contexts 32768,131072] [--copies 1,16]
+           [--setting K4V3] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import mlx.core as mx
+from tq_cli.bench_kernels import time_per_call
+from tq_cli.bench_kv import _tq_cache, parse_settings
+from tq_kvcache.attention import cache_attention
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", default="32768,131072")
+    ap.add_argument("--copies", default="1,16")
+    ap.add_argument("--setting", default="K4V3")
+    ap.add_argument("--calls", type=int, default=16)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    (setting,) = parse_settings(args.setting)
+    rows = []
+    for T in (int(x) for x in args.contexts.split(",")):
+        q = mx.random.normal((1, 32, 1, 128)).astype(mx.float16)
+        for n in (int(x) for x in args.copies.split(",")):
+            kv = []
+            for i in range(n):
+                k = mx.random.normal((1, 8, T, 128), key=mx.random.key(2 * i)).astype(mx.float16)
+                v = mx.random.normal((1, 8, T, 128), key=mx.random.key(2 * i + 1)).astype(
+                    mx.float16
+                )
+                mx.eval(k, v)
+                kv.append((k, v))
+
+            def fp16(c, kv=kv, q=q):
+                return [
+                    mx.fast.scaled_dot_product_attention(q, *kv[i % len(kv)], scale=0.088)
+                    for i in range(c)
+                ]
+
+            sec = time_per_call(fp16, args.calls, 3)
+            rows.append({"context": T, "copies": n, "kind": "fp16", "us_per_call": sec * 1e6})
+            caches = [_tq_cache(k, v, setting["knobs"]) for k, v in kv]
+            del kv
+
+            def tq(c, caches=caches, q=q):
+                return [cache_attention(q, caches[i % len(caches)], 0.088) for i in range(c)]
+
+            sec = time_per_call(tq, args.calls, 3)
+            rows.append(
+                {"context": T, "copies": n, "kind": setting["name"], "us_per_call": sec * 1e6}
+            )
+            del caches
+            mx.clear_cache()
+            for r in rows[-2:]:
+                print(json.dumps(r), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"benchmark": "probe_sdpa", "mlx": mx.__version__, "rows": rows}, f)
+
+
+if __name__ == "__main__":
+    main()
