@@ -1,0 +1,229 @@
+"""The packed-KV attention kernels' CUDA and Metal text compiles as C++ against host stand-ins
+(CI; needs g++): every codes layout x query-row bucket x mode x dtype, plus combine and
+finish, for both backends.
+
+Each body is wrapped in a function with the argument list MLX's ``cuda_kernel`` /
+``metal_kernel`` gives it (typed inputs with ``_shape`` / ``_strides``, typed outputs, and
+Metal's thread-position arguments) and compiled by the host's g++ with stand-ins for the
+builtins and types the preludes use (Metal's address spaces become nothing, threadgroup
+arrays static). It catches what costs a device run to find, or on Metal cannot be run here
+at all (a typo, an undeclared name, a wrong type, a CUDA-only call in shared text), not what
+only a GPU shows (numerics, races, speed, Metal's own rules): the GPU tests in
+tests/test_kernels_gpu.py and tq-kvcache's test_fused_attention.py cover those on CUDA."""
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from tq_kernels.attention import KeyPart, ValuePart, _layout
+from tq_kernels.attention_merge_source import combine_source, finish_source
+from tq_kernels.attention_source import attend_source, prefetches_values
+
+GXX = shutil.which("g++")
+pytestmark = pytest.mark.skipif(GXX is None, reason="no g++ to compile the kernel text with")
+
+_COMMON = r"""
+#include <cstddef>
+#include <cstdint>
+#include <algorithm>
+struct float4 { float x, y, z, w; };
+struct uint4 { unsigned x, y, z, w; };
+struct uint2 { unsigned x, y; };
+struct uint3 { unsigned x, y, z; };
+#define TQ_HALF_LIKE(name) struct name { \
+  unsigned short v; name() {} name(float) {} operator float() const { return 0; } };
+"""
+
+_CUDA_STUBS = r"""
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+TQ_HALF_LIKE(__half)
+TQ_HALF_LIKE(__nv_bfloat16)
+inline float __shfl_xor_sync(unsigned, float v, int) { return v; }
+inline float __int_as_float(int) { return 0; }
+inline float __uint_as_float(unsigned) { return 0; }
+inline float __half2float(__half) { return 0; }
+inline __half __ushort_as_half(unsigned short) { return __half(); }
+inline float __expf(float v) { return v; }
+inline float fmaxf(float a, float b) { return a > b ? a : b; }
+inline void __syncthreads() {}
+static uint3 threadIdx, blockIdx, blockDim;
+using std::max;
+using std::min;
+"""
+
+_METAL_STUBS = r"""
+typedef unsigned int uint;
+typedef unsigned short ushort;
+TQ_HALF_LIKE(half)
+TQ_HALF_LIKE(bfloat16_t)
+#define INFINITY __builtin_inff()
+namespace metal {
+enum class mem_flags { mem_none, mem_threadgroup, mem_device };
+inline void threadgroup_barrier(mem_flags) {}
+inline float simd_sum(float v) { return v; }
+inline float simd_max(float v) { return v; }
+inline float simd_shuffle_xor(float v, ushort) { return v; }
+template <typename A> inline A max(A a, A b) { return a > b ? a : b; }
+template <typename A> inline A min(A a, A b) { return a < b ? a : b; }
+namespace fast { inline float exp(float v) { return v; } }
+}  // namespace metal
+using namespace metal;
+#define device
+#define constant
+#define thread
+#define threadgroup
+"""
+
+#: C names of the model dtypes each backend's kernels are instantiated with.
+DTYPES = {
+    "cuda": {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"},
+    "metal": {"float16": "half", "bfloat16": "bfloat16_t", "float32": "float"},
+}
+_HALF = {"cuda": "__half", "metal": "half"}
+
+
+def _header(backend: str, header: str) -> str:
+    if backend == "cuda":
+        return _CUDA_STUBS + header
+    header = header.replace("#include <metal_stdlib>", "").replace("using namespace metal;", "")
+    # Threadgroup arrays are declared in the body; in C++ a static array is the stand-in.
+    return _METAL_STUBS + header + "\n#undef TQ_SHARED\n#define TQ_SHARED static\n"
+
+
+def _signature(backend: str, inputs: dict[str, str], outputs: dict[str, str]) -> str:
+    space = "device " if backend == "metal" else ""
+    args = []
+    for name, ctype in inputs.items():
+        args += [f"const {space}{ctype}* {name}", f"const int* {name}_shape"]
+        args += [f"const int64_t* {name}_strides"]
+    args += [f"{space}{ctype}* {name}" for name, ctype in outputs.items()]
+    if backend == "metal":
+        args += [
+            f"uint3 {p}"
+            for p in (
+                "thread_position_in_grid",
+                "thread_position_in_threadgroup",
+                "threadgroup_position_in_grid",
+            )
+        ]
+    return ", ".join(args)
+
+
+def compile_errors(backend: str, header: str, kernels: list[tuple[str, str, dict, dict]]) -> str:
+    """g++ diagnostics ('' when clean) for ``kernels`` = [(name, body, inputs, outputs)] of
+    ``backend``, each argument dict mapping a name to its C type, all under ``header``."""
+    parts = [_COMMON, _header(backend, header)]
+    for name, body, inputs, outputs in kernels:
+        parts.append(f"void {name}({_signature(backend, inputs, outputs)}) {{\n{body}\n}}\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernels.cpp"
+        path.write_text("\n".join(parts))
+        done = subprocess.run(
+            [GXX, "-std=c++17", "-fsyntax-only", "-w", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    return "" if done.returncode == 0 else done.stderr[:4000]
+
+
+LAYOUTS = {
+    "k4v3": ((KeyPart(128, 4),), (ValuePart(128, 3, None, None, None),)),
+    "k3v2": ((KeyPart(128, 3),), (ValuePart(128, 2, None, None, None),)),
+    "k8v8": ((KeyPart(128, 8),), (ValuePart(128, 8, None, None, None),)),
+    "k2v1-d64": ((KeyPart(64, 2),), (ValuePart(64, 1, None, None, None),)),
+    "k3v2-prod": ((KeyPart(128, 2, sgn=object()),), (ValuePart(128, 2, None, None, None),)),
+    "k1-prod": ((KeyPart(64, 0, sgn=object()),), (ValuePart(64, 1, None, None, None),)),
+    "k3.5v2.5": (
+        (KeyPart(64, 4), KeyPart(64, 3)),
+        (ValuePart(64, 3, None, None, None), ValuePart(64, 2, None, None, None)),
+    ),
+    "k1.5v1.5": (
+        (KeyPart(32, 2), KeyPart(32, 1)),
+        (ValuePart(32, 2, None, None, None), ValuePart(32, 1, None, None, None)),
+    ),
+}
+
+
+def _ctype(backend: str, name: str, model: str, raw: bool) -> str:
+    """The C type MLX gives input ``name`` of the attend kernel."""
+    if name.endswith(("_idx", "_sgn")):
+        return "unsigned int"
+    if name.endswith(("_norm", "_rnorm")):
+        return _HALF[backend]  # the cache stores norms in float16
+    if name in ("counts", "kperm", "vperm"):
+        return "int"
+    if name.startswith(("sink_", "tail_")) or (name == "q" and raw):
+        return model
+    return "float"  # qf, prepared q, params, codebooks, signs
+
+
+def _layouts():
+    for keys, values in LAYOUTS.values():
+        dk, dv = sum(p.width for p in keys), sum(p.width for p in values)
+        perm = len(keys) > 1
+        for rows in (1, 4, 16):
+            for raw in (False,) if any(p.prod for p in keys) else (False, True):
+                yield _layout(keys, values, rows, dk, dv, raw, perm and raw, perm and raw)[0]
+
+
+def _attend_kernels(backend: str):
+    header, kernels, paths = None, [], set()
+    for layout in _layouts():
+        for dtype, ctype in DTYPES[backend].items():
+            if dtype != "float16" and layout.rows != 4:
+                continue  # each dtype once per layout is enough
+            name, kheader, body, inputs, outputs = attend_source(layout, backend)
+            assert header in (None, kheader)  # one header for every layout
+            header = kheader
+            args = {n: _ctype(backend, n, ctype, layout.raw) for n in inputs}
+            kernels.append((f"{name}_{dtype}", body, args, {o: "float" for o in outputs}))
+            paths.add(prefetches_values(layout))
+    return header, kernels, paths
+
+
+@pytest.mark.parametrize("backend", ["cuda", "metal"])
+def test_every_attend_kernel_compiles(backend):
+    header, kernels, paths = _attend_kernels(backend)
+    assert paths == {True, False}  # both value paths (staged and direct) were compiled
+    assert compile_errors(backend, header, kernels) == ""
+
+
+@pytest.mark.parametrize("backend", ["cuda", "metal"])
+def test_merge_kernels_compile(backend):
+    name, header, body, inputs, outputs = combine_source(backend)
+    kernels = [
+        (
+            name,
+            body,
+            {n: "int" if n == "counts" else "float" for n in inputs},
+            {o: "float" for o in outputs},
+        )
+    ]
+    for layout in _layouts():
+        if not layout.raw:
+            continue
+        fname, fheader, fbody, finputs, foutputs = finish_source(layout, backend)
+        assert fheader == header
+        for dtype, ctype in DTYPES[backend].items():
+            args = {n: "int" if n in ("counts", "vperm") else "float" for n in finputs}
+            body = f"  using T = {ctype};\n" + fbody  # MLX's template argument T
+            kernels.append((f"{fname}_{dtype}", body, args, {foutputs[0]: ctype}))
+    assert compile_errors(backend, header, kernels) == ""
+
+
+@pytest.mark.parametrize("backend", ["cuda", "metal"])
+def test_a_broken_kernel_text_is_caught(backend):
+    """The check itself: a missing semicolon, or a CUDA-only call in the shared text."""
+    header, kernels, _ = _attend_kernels(backend)
+    name, body, inputs, outputs = kernels[0]
+    for bad in (
+        body.replace("const int chunk = counts[0];", "const int chunk = counts[0]"),
+        body.replace("TQ_BARRIER();", "__syncthreads(); __threadfence();", 1),
+    ):
+        assert bad != body
+        assert compile_errors(backend, header, [(name, bad, inputs, outputs)])
