@@ -1,15 +1,17 @@
-"""The packed-KV attention kernels' CUDA and Metal text compiles as C++ against host stand-ins
-(CI; needs g++): every codes layout x query-row bucket x mode x dtype, plus combine and
-finish, for both backends.
+"""Every kernel's CUDA and Metal text compiles as C++ against host stand-ins (CI; needs g++):
+the packed-KV attention kernels (every codes layout x query-row bucket x mode x dtype, plus
+combine and finish) and the weight kernels (matvec with its QJL, rotation and sibling
+variants over bits, group sizes, row buckets and launch shapes; MoE gather; dequantize).
 
 Each body is wrapped in a function with the argument list MLX's ``cuda_kernel`` /
-``metal_kernel`` gives it (typed inputs with ``_shape`` / ``_strides``, typed outputs, and
-Metal's thread-position arguments) and compiled by the host's g++ with stand-ins for the
-builtins and types the preludes use (Metal's address spaces become nothing, threadgroup
-arrays static). It catches what costs a device run to find, or on Metal cannot be run here
-at all (a typo, an undeclared name, a wrong type, a CUDA-only call in shared text), not what
-only a GPU shows (numerics, races, speed, Metal's own rules): the GPU tests in
-tests/test_kernels_gpu.py and tq-kvcache's test_fused_attention.py cover those on CUDA."""
+``metal_kernel`` gives it (typed inputs with ``_shape`` / ``_strides`` / ``_ndim``, typed
+outputs, Metal's thread-position arguments, the template arguments as constants) and
+compiled by the host's g++ with stand-ins for the builtins and types the preludes use
+(Metal's address spaces become nothing, threadgroup arrays static). It catches what costs a
+device run to find, or on Metal cannot be run here at all (a typo, an undeclared name, a
+wrong type, a CUDA-only call in shared text), not what only a GPU shows (numerics, races,
+speed, Metal's own rules): the GPU tests in tests/test_kernels_gpu.py and tq-kvcache's
+test_fused_attention.py cover those on CUDA."""
 
 import shutil
 import subprocess
@@ -20,6 +22,7 @@ import pytest
 from tq_kernels.attention import KeyPart, ValuePart, _layout
 from tq_kernels.attention_merge_source import combine_source, finish_source
 from tq_kernels.attention_source import attend_source, prefetches_values
+from tq_kernels.sources import kernel_source
 
 GXX = shutil.which("g++")
 pytestmark = pytest.mark.skipif(GXX is None, reason="no g++ to compile the kernel text with")
@@ -99,7 +102,7 @@ def _signature(backend: str, inputs: dict[str, str], outputs: dict[str, str]) ->
     args = []
     for name, ctype in inputs.items():
         args += [f"const {space}{ctype}* {name}", f"const int* {name}_shape"]
-        args += [f"const int64_t* {name}_strides"]
+        args += [f"const int64_t* {name}_strides", f"const int {name}_ndim"]
     args += [f"{space}{ctype}* {name}" for name, ctype in outputs.items()]
     if backend == "metal":
         args += [
@@ -111,6 +114,19 @@ def _signature(backend: str, inputs: dict[str, str], outputs: dict[str, str]) ->
             )
         ]
     return ", ".join(args)
+
+
+def _constants(template: list[tuple[str, object]]) -> str:
+    """MLX's template arguments as the declarations the body sees in the stand-in."""
+    out = []
+    for name, value in template:
+        if isinstance(value, bool):
+            out.append(f"  constexpr bool {name} = {str(value).lower()};")
+        elif isinstance(value, int):
+            out.append(f"  constexpr int {name} = {value};")
+        else:
+            out.append(f"  using {name} = {value};")
+    return "\n".join(out) + "\n"
 
 
 def compile_errors(backend: str, header: str, kernels: list[tuple[str, str, dict, dict]]) -> str:
@@ -227,3 +243,54 @@ def test_a_broken_kernel_text_is_caught(backend):
     ):
         assert bad != body
         assert compile_errors(backend, header, [(name, bad, inputs, outputs)])
+
+
+def _weight_kernels(backend: str):
+    """(header, kernels) of every matvec variant, and of dequantize, in ``backend``'s text."""
+    half = _HALF[backend]
+    groups = {}
+    for dtype, ctype in DTYPES[backend].items():
+        for op, qjl, span, segments in (
+            ("matvec", False, 0, 1),
+            ("matvec", True, 0, 1),
+            ("matvec", False, 32, 1),
+            ("matvec", False, 128, 2),
+            ("matvec", False, 0, 3),
+            ("gather_matvec", False, 0, 1),
+            ("gather_matvec", True, 0, 1),
+        ):
+            src = kernel_source(op, backend, qjl=qjl, rotate=span > 0, segments=segments)
+            types = {"x": ctype, "xs": ctype, "codebook": "float", "ei": "unsigned int"}
+            args = {
+                n: types.get(n, "unsigned int" if n.startswith(("w", "qsigns", "rsigns")) else half)
+                for n in src.input_names
+            }
+            for bits, gs, m, launch in (
+                (2, 32, 1, (4, 1, 4)),
+                (3, 64, 8, (1, 2, 4)),
+                (4, 128, 2, (2, 4, 8)),
+            ):
+                template = [("T", ctype), ("BITS", bits), ("GS", gs), ("M", m)]
+                template += [("RPW", launch[0]), ("KSPLIT", launch[1]), ("NWARPS", launch[2])]
+                template += [("QJL", qjl), ("ROT", span > 0), ("SPAN", span or 32)]
+                name = f"{src.name}_{dtype}_{bits}_{gs}_{m}_{launch[1]}"
+                body = _constants(template) + src.body
+                outs = {o: ctype for o in src.output_names}
+                groups.setdefault(src.header, []).append((name, body, args, outs))
+        src = kernel_source("dequantize", backend)
+        args = {"w": "unsigned int", "scales": half, "codebook": "float"}
+        for bits, gs in ((2, 32), (3, 64), (4, 128)):
+            template = [("T", ctype), ("BITS", bits), ("GS", gs), ("NTHREADS", 256)]
+            name = f"{src.name}_{dtype}_{bits}_{gs}"
+            groups.setdefault(src.header, []).append(
+                (name, _constants(template) + src.body, args, {"out": ctype})
+            )
+    return groups
+
+
+@pytest.mark.parametrize("backend", ["cuda", "metal"])
+def test_every_weight_kernel_compiles(backend):
+    groups = _weight_kernels(backend)
+    assert len(groups) == 2  # the matvec header, the dequantize header
+    for header, kernels in groups.items():
+        assert compile_errors(backend, header, kernels) == ""
