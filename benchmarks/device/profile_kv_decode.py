@@ -1,6 +1,9 @@
 """Where a decode step's time goes with a TurboQuant cache: the whole step, the step with
 attention replaced by a no-op (so cache updates and the rest of the model remain), for the
-fp16 cache and TurboQuant caches, after a prefill of --context tokens (random weights).
+fp16 cache and TurboQuant caches, after a prefill of --context tokens (random weights); for
+TurboQuant also the step with the attention kernels stubbed (outputs of their shapes: the
+host and graph cost of the attention path) and every layer's attention alone, chained over
+the model's own caches in one eval.
 
 usage: python benchmarks/device/profile_kv_decode.py --model-dir DIR [--context 8192]
            [--settings K4V3,K3V2] [--tokens 32] [--json F]
