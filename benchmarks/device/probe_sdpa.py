@@ -3,7 +3,11 @@ distinct caches (the `tq bench kv` way reuses one fp16 copy once it exceeds 256 
 baseline in ../shared/device/README.md chains calls "each on its own weights").
 
 usage: python benchmarks/device/probe_sdpa.py [--contexts 32768,131072] [--copies 1,16]
-           [--setting K4V3] [--json F]
+           [--setting K4V3] [--via-bench] [--json F]
+
+With --via-bench each context is also timed by `tq bench kv`'s own `_context_rows` in the
+same process: on the H100 (MLX 0.32.4) its fp16 row at 128K read 650 us where this probe,
+and a plain loop run right after it, read 200 us (docs/kvcache.md); the cause is open.
 """
 
 from __future__ import annotations
@@ -13,8 +17,13 @@ import json
 
 import mlx.core as mx
 from tq_cli.bench_kernels import time_per_call
-from tq_cli.bench_kv import _tq_cache, parse_settings
+from tq_cli.bench_kv import _context_rows, _tq_cache, parse_settings
 from tq_kvcache.attention import cache_attention
+
+
+def bench_kv_rows(T: int, settings: list, calls: int) -> list[dict]:
+    """`tq bench kv`'s rows for one context (fp16, mlx-lm 4-bit, the settings)."""
+    return _context_rows(T, settings, 32, 8, 128, calls, 3)
 
 
 def main():
@@ -23,6 +32,7 @@ def main():
     ap.add_argument("--copies", default="1,16")
     ap.add_argument("--setting", default="K4V3")
     ap.add_argument("--calls", type=int, default=16)
+    ap.add_argument("--via-bench", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args()
     (setting,) = parse_settings(args.setting)
@@ -61,6 +71,12 @@ def main():
             mx.clear_cache()
             for r in rows[-2:]:
                 print(json.dumps(r), flush=True)
+        if args.via_bench:
+            for r in bench_kv_rows(T, [setting], args.calls):
+                row = {"context": T, "copies": "bench", "kind": r["kind"]}
+                row["us_per_call"] = r["us_per_call"]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"benchmark": "probe_sdpa", "mlx": mx.__version__, "rows": rows}, f)
