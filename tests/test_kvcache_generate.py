@@ -70,3 +70,32 @@ def test_prompt_cache_round_trip_continues_identically(tmp_path):
     b = generate(model, tokenizer, follow, max_tokens=10, prompt_cache=loaded)
     assert a == b and len(a.split()) == 10
     mx.eval([c.state for c in loaded])
+
+
+def test_chunked_prefill_evaluates_per_layer_and_generates_the_same(monkeypatch):
+    """mlx_lm.generate prefilling 300 tokens in chunks of 64: each chunk after the first
+    evaluates every TurboQuant layer inside update_and_fetch (tq_kvcache.cache.PREFILL_EVAL),
+    and the text is the same as with the evaluation off."""
+    from tq_kvcache import cache as cache_module
+
+    model, tokenizer = tiny_lm.build("llama"), _tokenizer()
+    knobs = dict(k_bits=4, v_bits=3, sink_tokens=8, buffer=8, flush_batch=8)
+    evals = []
+    real_eval = mx.eval
+    monkeypatch.setattr(
+        cache_module, "_eval_outside_transforms", lambda *a: evals.append(1) or real_eval(*a)
+    )
+    texts = []
+    for on in (True, False):
+        monkeypatch.setattr(cache_module, "PREFILL_EVAL", on)
+        cache = make_turboquant_cache(model, **knobs)
+        layers = sum(isinstance(c, TurboQuantKVCache) for c in cache)
+        before = len(evals)
+        texts.append(
+            generate(
+                model, tokenizer, PROMPT, max_tokens=8, prompt_cache=cache, prefill_step_size=64
+            )
+        )
+        # chunks 2..4 of 64 (the 5th holds 43 tokens: also a prefill chunk) evaluate per layer
+        assert len(evals) - before == (4 * layers if on else 0)
+    assert texts[0] == texts[1] and len(texts[0].split()) == 8
