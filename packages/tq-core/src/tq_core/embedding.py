@@ -5,7 +5,6 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import dispatch
 from .rotation import unrotate
 from .weight_layer import TurboQuantWeights, compute_dtype
 from .weights import (
@@ -13,7 +12,6 @@ from .weights import (
     QuantizedWeight,
     dequantize_qjl_rotated,
     dequantize_weight_rotated,
-    qjl_sketch_values,
 )
 
 
@@ -61,13 +59,4 @@ class TurboQuantEmbedding(TurboQuantWeights):
         return out.astype(mx.float32 if mx.default_device() == mx.cpu else self.scales.dtype)
 
     def as_linear(self, x: mx.array) -> mx.array:
-        dtype = compute_dtype(x)
-        y = self.fused_rotating_matmul(x, dtype)
-        if y is None:
-            x_rot, x_sketch = self.rotated_inputs(x, dtype)
-            y = dispatch.call_kernel("weight_matmul", x_rot, self.codes(), self.qjl(), x_sketch)
-        if y is None:
-            y = x_rot @ dequantize_weight_rotated(self.codes(), dtype=dtype).T
-            if self.use_qjl:
-                y = y + x_sketch @ qjl_sketch_values(self.qjl(), dtype=dtype).T
-        return y.astype(x.dtype)
+        return self.dense_product(x, compute_dtype(x)).astype(x.dtype)

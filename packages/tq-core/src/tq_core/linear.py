@@ -5,9 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import dispatch
 from .weight_layer import TurboQuantWeights, compute_dtype
-from .weights import dequantize_weight_rotated, qjl_sketch_values
 
 
 class TurboQuantLinear(TurboQuantWeights):
@@ -65,12 +63,4 @@ class TurboQuantLinear(TurboQuantWeights):
     def product(self, x: mx.array, dtype) -> mx.array:
         """``W^ x`` in ``dtype``, without the bias (a row-parallel shard sums these partial
         products across ranks before adding the bias once)."""
-        y = self.fused_rotating_matmul(x, dtype)
-        if y is None:
-            x_rot, x_sketch = self.rotated_inputs(x, dtype)
-            y = dispatch.call_kernel("weight_matmul", x_rot, self.codes(), self.qjl(), x_sketch)
-        if y is None:
-            y = x_rot @ dequantize_weight_rotated(self.codes(), dtype=dtype).T
-            if self.use_qjl:
-                y = y + x_sketch @ qjl_sketch_values(self.qjl(), dtype=dtype).T
-        return y
+        return self.dense_product(x, dtype)

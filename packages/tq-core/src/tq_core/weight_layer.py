@@ -8,6 +8,7 @@ import threading
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import dispatch
 from .decode_plan import PlanCache
 from .hadamard import _transform
 from .pack import packed_words
@@ -16,6 +17,8 @@ from .weights import (
     QJL_SIGN_STREAM,
     QJLResidual,
     QuantizedWeight,
+    dequantize_weight_rotated,
+    qjl_sketch_values,
     quantize_qjl_residual,
     quantize_weight,
     weight_rotation,
@@ -199,6 +202,20 @@ class TurboQuantWeights(nn.Module):
             plans = state["_plans"] = PlanCache((self,))
         out = plans.run(xd)
         return None if out is None else out[0]
+
+    def dense_product(self, x: mx.array, dtype) -> mx.array:
+        """``W^ x`` in ``dtype`` for a 2-D weight, without any bias: a kernel that rotates x
+        itself, else a kernel on the rotated input, else the reference (dequantize, then
+        ``matmul``, plus the QJL term)."""
+        y = self.fused_rotating_matmul(x, dtype)
+        if y is None:
+            x_rot, x_sketch = self.rotated_inputs(x, dtype)
+            y = dispatch.call_kernel("weight_matmul", x_rot, self.codes(), self.qjl(), x_sketch)
+        if y is None:
+            y = x_rot @ dequantize_weight_rotated(self.codes(), dtype=dtype).T
+            if self.use_qjl:
+                y = y + x_sketch @ qjl_sketch_values(self.qjl(), dtype=dtype).T
+        return y
 
     def rotated_inputs(self, x: mx.array, dtype) -> tuple[mx.array, mx.array | None]:
         """``(R x, S R x)`` in ``dtype``: the activation in the weights' rotated basis and,
