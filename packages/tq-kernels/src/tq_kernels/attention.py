@@ -237,6 +237,14 @@ def _counts(values: tuple) -> mx.array:
     return a
 
 
+@lru_cache(maxsize=64)
+def _no_sinks(heads: int, rows: int) -> mx.array:
+    """The combine kernel's sink logits for a model without sinks: -inf, made once."""
+    a = mx.full((heads, rows), -float("inf"), mx.float32)
+    mx.eval(a)
+    return a
+
+
 @cache
 def _scale_param(scale: float) -> mx.array:
     a = mx.array([scale], mx.float32)
@@ -355,7 +363,7 @@ def packed_kv_attention(
     inputs += [sink_k, sink_v, tail_k, tail_v]
     o, ml = _attend(layout, backend, inputs, nsplit, n_sink + n_tail, b * h)
     if sinks is None:
-        sink_logits = mx.full((h, rb), -float("inf"), mx.float32)
+        sink_logits = _no_sinks(h, rb)
     else:
         sink_logits = sinks.astype(mx.float32)
         if rb != rows:
