@@ -1,36 +1,40 @@
-"""Kernel source of decode attention over packed TurboQuant keys and values (CUDA and Metal).
+"""Kernel source of the attend kernel: decode attention over packed TurboQuant keys and values
+(CUDA and Metal), written once on top of :mod:`tq_kernels.prelude` (DESIGN.md, KV; the math
+of arXiv 2504.19874 Sec. 3 applied to attention).
 
-Two kernels, written once on top of :mod:`tq_kernels.prelude` (DESIGN.md, KV; the math of
-arXiv 2504.19874 Sec. 3 applied to attention):
+One threadgroup per (split of the packed tokens, batch x KV head). Scores are
+``|k| <R q, C[idx]>`` (+ the QJL term ``sqrt(pi/2)/d |r| <S q, z>`` for prod keys), computed
+one token per thread against the rotated query rows held in threadgroup memory; a tile of
+``NT`` tokens updates an online softmax (running max per query row); values are accumulated
+one token per warp, each lane owning ``Dv / 32`` coordinates of the rotated basis, so a lane
+reads only its own slice of a token's packed value; a tile's value codes are staged in
+threadgroup memory with its key loads (:func:`prefetches_values`). The splits after the
+packed ones hold the fp16 sink and tail tokens, one tile each (original basis, causal within
+the tail). Each split writes its unnormalized output, running max and sum.
 
-- ``attend``: one threadgroup per (split of the packed tokens, batch x KV head). Scores are
-  ``|k| <R q, C[idx]>`` (+ the QJL term ``sqrt(pi/2)/d |r| <S q, z>`` for prod keys),
-  computed one token per thread against the rotated query rows held in threadgroup memory;
-  a tile of ``NT`` tokens updates an online softmax (running max per query row); values are
-  accumulated one token per warp, each lane owning ``Dv / 32`` coordinates of the rotated
-  basis, so a lane reads only its own slice of a token's packed value; a tile's value codes
-  are staged in threadgroup memory with its key loads (:func:`prefetches_values`). The
-  splits after the packed ones hold the fp16 sink and tail tokens, one tile each (original
-  basis, causal within the tail). Each split writes its unnormalized output, running max
-  and sum. The splits are merged by
-  :mod:`tq_kernels.attention_merge_source`; the raw-query prologue comes from
-  :mod:`tq_kernels.attention_rotation_source`.
-
-The kernel text depends on the codes layout (parts, widths, bits, key mode), so it is
-generated per layout from an :class:`~tq_kernels.attention_layout.AttendLayout`.
+This module holds the body and its threadgroup-memory budget; the per-part score and value
+text comes from :mod:`tq_kernels.attention_part_source`, the raw-query prologue from
+:mod:`tq_kernels.attention_rotation_source`, and the kernels that merge the splits are in
+:mod:`tq_kernels.attention_merge_source`. The text depends on the codes layout (parts,
+widths, bits, key mode), so it is generated per
+:class:`~tq_kernels.attention_layout.AttendLayout`.
 """
 
 from __future__ import annotations
 
-import math
 import re
 
 from .attention_layout import (
     ATTEND_THREADS,
     AttendLayout,
-    KeyPartLayout,
-    ValuePartLayout,
     value_positions,
+)
+from .attention_part_source import (
+    PART_HELPERS,
+    key_part_code,
+    value_part_code,
+    value_prefetch,
+    value_words,
 )
 from .attention_rotation_source import q_load_prepared, q_load_raw
 from .prelude import prelude, thread_ids
@@ -53,159 +57,6 @@ def _expand_offsets(text: str) -> str:
         ),
         text,
     )
-
-
-def _code(words: str, index: str, bits: int) -> str:
-    """C expression of value ``index`` (a constant or an int expression) of a packed stream
-    read from ``words`` (an array or pointer): its block's ``bits`` words, then the bits."""
-    return f"tq_code<{bits}>({words}, {index})"
-
-
-_HELPERS = r"""
-// Value v of a packed stream (32-value blocks of BITS words, value j of a block at bits
-// [j*BITS, j*BITS + BITS) of the block, little-endian; tq_core.pack).
-template <int BITS, typename W>
-TQ_INLINE tq_uint tq_code(W w, const int v) {
-  const int bitpos = (v & 31) * BITS;
-  const int q = (v >> 5) * BITS + (bitpos >> 5);
-  const int s = bitpos & 31;
-  tq_uint code = w[q] >> s;
-  if (s + BITS > 32) code |= w[q + 1] << ((32 - s) & 31);
-  return code & ((1u << BITS) - 1u);
-}
-"""
-
-
-def _key_part_code(i: int, p: KeyPartLayout, cb_off: int, dq: int) -> str:
-    """Thread-per-token score of key part ``i`` into ``s[r]``."""
-    out = [f"    {{  // key part {i}: width {p.width}, {p.bits} mse bits, prod={p.prod}"]
-    if p.bits:
-        nw = p.width // 32 * p.bits
-        out += [
-            f"      const size_t kb = TQ_AT(k{i}_idx, t);",
-            f"      tq_uint w[{nw}];",
-            # Whole 16-byte loads where a token's words allow (one instruction per 4 words).
-            f"      tq_load_words<{nw}>(w, k{i}_idx + kb);",
-            "      float pa[R];",
-            "      for (int r = 0; r < R; ++r) pa[r] = 0.0f;",
-            "#pragma unroll",
-            f"      for (int d = 0; d < {p.width}; d += 4) {{",
-            "        float c[4];",
-            "#pragma unroll",
-            f"        for (int e = 0; e < 4; ++e) c[e] = cb_sh[{cb_off} + "
-            f"{_code('w', 'd + e', p.bits)}];",
-            "#pragma unroll",
-            "        for (int r = 0; r < R; ++r) {",
-            f"          const float4 qv = q_sh4[(r * {dq} + {p.qoff} + d) >> 2];",
-            "          pa[r] += qv.x * c[0] + qv.y * c[1] + qv.z * c[2] + qv.w * c[3];",
-            "        }",
-            "      }",
-            f"      const float nrm = tq_float(k{i}_norm[TQ_AT(k{i}_norm, t)]);",
-            "      for (int r = 0; r < R; ++r) s[r] += nrm * pa[r];",
-        ]
-    if p.prod:
-        scale = math.sqrt(math.pi / 2) / p.width
-        out += [
-            f"      const size_t sb = TQ_AT(k{i}_sgn, t);",
-            "      float pz[R];",
-            "      for (int r = 0; r < R; ++r) pz[r] = 0.0f;",
-            f"      for (int blk = 0; blk < {p.width // 32}; ++blk) {{",
-            f"        const tq_uint sw = k{i}_sgn[sb + blk];",
-            "#pragma unroll",
-            "        for (int e = 0; e < 32; e += 4) {",
-            "          float z[4];",
-            "#pragma unroll",
-            "          for (int u = 0; u < 4; ++u) z[u] = ((sw >> (e + u)) & 1u) ? 1.0f : -1.0f;",
-            "#pragma unroll",
-            "          for (int r = 0; r < R; ++r) {",
-            f"            const float4 qv = q_sh4[(r * {dq} + {p.soff} + blk * 32 + e) >> 2];",
-            "            pz[r] += qv.x * z[0] + qv.y * z[1] + qv.z * z[2] + qv.w * z[3];",
-            "          }",
-            "        }",
-            "      }",
-            f"      const float rn = {scale!r}f * tq_float(k{i}_rnorm[TQ_AT(k{i}_rnorm, t)]);",
-            "      for (int r = 0; r < R; ++r) s[r] += rn * pz[r];",
-        ]
-    out.append("    }")
-    return "\n".join(out)
-
-
-def _value_words(j: int, p: ValuePartLayout) -> int:
-    return p.width // 32 * p.bits
-
-
-def _value_part_code(j: int, p: ValuePartLayout, cb_off: int, acc_off: int, woff) -> str:
-    """Warp-per-token accumulation of value part ``j``: lane owns width/32 coordinates, read
-    with one or two word loads (its codes are consecutive bits of the token's stream). With
-    ``woff`` (an int) the token's words and norm come from the tile's prefetch in
-    threadgroup memory (``vw_sh`` at word ``woff``, ``vn_sh``), else from device memory."""
-    c = p.width // 32
-    if woff is None:
-        words = f"(v{j}_idx + TQ_AT(v{j}_idx, tt))"
-        norm = f"tq_float(v{j}_norm[TQ_AT(v{j}_norm, tt)])"
-    else:
-        words = f"(vw_sh + jt * VS + {woff})"
-        norm = f"vn_sh[jt * NVP + {j}]"
-    head = [
-        f"        {{  // value part {j}: width {p.width}, {p.bits} bits",
-        f"          const float vn = {norm};",
-    ]
-    if 32 % c == 0 and c * p.bits <= 32:
-        # Coordinates lane*c .. lane*c + c - 1 sit in one 32-value block, at consecutive
-        # bits: start = block * 32 * BITS + position * BITS.
-        extract = [
-            f"          const int bit0 = ((lane * {c}) >> 5) * {32 * p.bits} + "
-            f"((lane * {c}) & 31) * {p.bits};",
-            f"          const tq_uint lo = {words}[bit0 >> 5];",
-            f"          const tq_uint hi = ((bit0 & 31) + {c * p.bits} > 32) ? "
-            f"{words}[(bit0 >> 5) + 1] : 0u;",
-            "          const int sh = bit0 & 31;",
-            "          const tq_uint bits = sh ? ((lo >> sh) | (hi << (32 - sh))) : lo;",
-            "#pragma unroll",
-            f"          for (int e = 0; e < {c}; ++e) {{",
-            f"            const float cv = vn * cb_sh[{cb_off} + "
-            f"((bits >> (e * {p.bits})) & {(1 << p.bits) - 1}u)];",
-        ]
-    else:
-        extract = [
-            "#pragma unroll",
-            f"          for (int e = 0; e < {c}; ++e) {{",
-            f"            const float cv = vn * cb_sh[{cb_off} + "
-            f"{_code(words, f'lane * {c} + e', p.bits)}];",
-        ]
-    return "\n".join(
-        [
-            *head,
-            *extract,
-            "#pragma unroll",
-            f"            for (int r = 0; r < R; ++r) acc[r][{acc_off} + e] += pr[r] * cv;",
-            "          }",
-            "        }",
-        ]
-    )
-
-
-def _value_prefetch(layout: AttendLayout) -> tuple[str, str]:
-    """(load, store) text of the tile's value prefetch: each thread loads its token's value
-    words and norms with the key loads (both in flight during the scoring) and stores them
-    to threadgroup memory after it, so the warp-per-token value loop reads no device memory:
-    that loop's one dependent load per token bounded the kernel by latency."""
-    load, store, woff = [], [], 0
-    for j, p in enumerate(layout.values):
-        nw = _value_words(j, p)
-        load += [
-            f"        tq_uint vw{j}[{nw}];",
-            f"        tq_load_words<{nw}>(vw{j}, v{j}_idx + TQ_AT(v{j}_idx, t));",
-            f"        const float vn{j} = tq_float(v{j}_norm[TQ_AT(v{j}_norm, t)]);",
-        ]
-        store += [
-            "#pragma unroll",
-            f"        for (int k = 0; k < {nw}; ++k) "
-            f"vw_sh[(int)tq_tid * VS + {woff} + k] = vw{j}[k];",
-            f"        vn_sh[(int)tq_tid * NVP + {j}] = vn{j};",
-        ]
-        woff += nw
-    return "\n".join(load), "\n".join(store)
 
 
 _ATTEND_BODY = r"""
@@ -408,7 +259,7 @@ SHARED_BUDGET = 32 * 1024
 def _value_stride(layout: AttendLayout) -> int:
     """Words per token in the value prefetch: odd, so that the threads' stores of one word
     index fall in distinct banks."""
-    return sum(_value_words(j, p) for j, p in enumerate(layout.values)) | 1
+    return sum(value_words(p) for j, p in enumerate(layout.values)) | 1
 
 
 def _fp_unroll(layout: AttendLayout) -> int:
@@ -437,26 +288,26 @@ def attend_source(layout: AttendLayout, backend: str):
     cb_off, key_code, cb_loads = 0, [], []
     for i, p in enumerate(layout.keys):
         if p.bits:
-            key_code.append(_key_part_code(i, p, cb_off, layout.dq))
+            key_code.append(key_part_code(i, p, cb_off, layout.dq))
             cb_loads.append(
                 f"  for (int i = (int)tq_tid; i < {1 << p.bits}; i += NT) "
                 f"cb_sh[{cb_off} + i] = k{i}_cb[i];"
             )
             cb_off += 1 << p.bits
         else:
-            key_code.append(_key_part_code(i, p, 0, layout.dq))
+            key_code.append(key_part_code(i, p, 0, layout.dq))
     prefetch = prefetches_values(layout)
     value_code, acc_off, woff = [], 0, 0
     for j, p in enumerate(layout.values):
-        value_code.append(_value_part_code(j, p, cb_off, acc_off, woff if prefetch else None))
+        value_code.append(value_part_code(j, p, cb_off, acc_off, woff if prefetch else None))
         cb_loads.append(
             f"  for (int i = (int)tq_tid; i < {1 << p.bits}; i += NT) "
             f"cb_sh[{cb_off} + i] = v{j}_cb[i];"
         )
         cb_off += 1 << p.bits
         acc_off += p.width // 32
-        woff += _value_words(j, p)
-    load, store = _value_prefetch(layout) if prefetch else ("", "")
+        woff += value_words(p)
+    load, store = value_prefetch(layout) if prefetch else ("", "")
     decl = (
         "  TQ_SHARED tq_uint vw_sh[NT * VS];         // the tile's value words, by token\n"
         "  TQ_SHARED float vn_sh[NT * NVP];          // and their norms\n"
@@ -485,7 +336,7 @@ def attend_source(layout: AttendLayout, backend: str):
         f"  const int VS = {_value_stride(layout)};\n  const int NVP = {len(layout.values)};\n"
         + _out_pos(layout)[1]
     )
-    header = prelude(backend) + _HELPERS
+    header = prelude(backend) + PART_HELPERS
     name = f"tq_kv_attend_{layout.tag()}_{backend}"
     return (
         name,
