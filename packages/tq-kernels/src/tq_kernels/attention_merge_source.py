@@ -12,10 +12,34 @@ from __future__ import annotations
 import math
 
 from .attention_layout import ATTEND_THREADS, AttendLayout
-from .attention_rotation_source import fwht
+from .attention_rotation_source import fwht, part_channel
 from .prelude import prelude, thread_ids
 
 __all__ = ["combine_source", "finish_source"]
+
+
+_MERGE_SPLITS = r"""
+float packed = 0.0f;
+float dense = 0.0f;
+for (int s = 0; s < S; ++s) {
+  const size_t slot = SLOT;
+  const float ms = ml[slot * 2];
+  const float a = ms == TQ_NEG_INF ? 0.0f : tq_exp(ms - m);
+  l += a * ml[slot * 2 + 1];
+  const float v = a * o[slot * DV + d];
+  if (s < S - NFP) packed += v; else dense += v;
+}
+const float inv = l == 0.0f ? 0.0f : 1.0f / l;  // NaN scores stay NaN
+"""
+
+
+def _merge_splits(slot: str, indent: str) -> str:
+    """The merge both kernels share, given the running max ``m`` and the sink term in ``l``:
+    rescale each split's (max, sum, output) to ``m``, sum the packed splits and the last
+    ``NFP`` (fp16) splits apart, and ``inv`` = 1 / the softmax denominator. ``slot``: the
+    (bh, split s, row r) index of the caller's partials layout."""
+    lines = _MERGE_SPLITS.strip("\n").replace("SLOT", slot).split("\n")
+    return "\n".join(indent + line for line in lines)
 
 
 _COMBINE_BODY = r"""
@@ -34,17 +58,7 @@ _COMBINE_BODY = r"""
   float m = sinks[h * R + r];                 // -inf where the model has no sinks
   for (int s = 0; s < S; ++s) m = tq_fmax(m, ml[((bh * S + s) * R + r) * 2]);
   float l = m == TQ_NEG_INF ? 0.0f : tq_exp(sinks[h * R + r] - m);
-  float packed = 0.0f;
-  float dense = 0.0f;
-  for (int s = 0; s < S; ++s) {
-    const size_t slot = (bh * S + s) * R + r;
-    const float ms = ml[slot * 2];
-    const float a = ms == TQ_NEG_INF ? 0.0f : tq_exp(ms - m);
-    l += a * ml[slot * 2 + 1];
-    const float v = a * o[slot * DV + d];
-    if (s < S - NFP) packed += v; else dense += v;
-  }
-  const float inv = l == 0.0f ? 0.0f : 1.0f / l;  // NaN scores stay NaN
+MERGE_SPLITS
   rot[tq_gid] = packed * inv;
   fp[tq_gid] = dense * inv;
 """
@@ -55,7 +69,8 @@ def combine_source(backend: str):
     return (
         f"tq_kv_combine_{backend}",
         prelude(backend),
-        thread_ids(backend) + _COMBINE_BODY,
+        thread_ids(backend)
+        + _COMBINE_BODY.replace("MERGE_SPLITS", _merge_splits("(bh * S + s) * R + r", "  ")),
         ("o", "ml", "sinks", "counts"),
         ("rot", "fp"),
     )
@@ -85,17 +100,7 @@ _FINISH_BODY = r"""
     m = sink;
     for (int s = 0; s < S; ++s) m = tq_fmax(m, ml[(((size_t)bh * S + s) * RB + r) * 2]);
     float l = (m == TQ_NEG_INF || sink == TQ_NEG_INF) ? 0.0f : tq_exp(sink - m);
-    float packed = 0.0f;
-    float dense = 0.0f;
-    for (int s = 0; s < S; ++s) {
-      const size_t slot = ((size_t)bh * S + s) * RB + r;
-      const float ms = ml[slot * 2];
-      const float a = ms == TQ_NEG_INF ? 0.0f : tq_exp(ms - m);
-      l += a * ml[slot * 2 + 1];
-      const float v = a * o[slot * DV + d];
-      if (s < S - NFP) packed += v; else dense += v;
-    }
-    const float inv = l == 0.0f ? 0.0f : 1.0f / l;  // NaN scores stay NaN
+MERGE_SPLITS
     rot_sh[d] = packed * inv;
     fpv = dense * inv;
   }
@@ -114,7 +119,7 @@ def finish_source(layout: AttendLayout, backend: str):
     butterflies = [fwht("rot_sh", str(p.off), p.width, "1", "0", "NTF") for p in layout.values]
     unrot = []
     for j, p in enumerate(layout.values):
-        chan = f"vperm[h * DV + {p.off} + j]" if layout.vperm else f"{p.off} + j"
+        chan = part_channel("vperm" if layout.vperm else None, "DV", p.off)
         norm = 1.0 / math.sqrt(p.width)
         unrot += [
             f"    if (d >= {p.off} && d < {p.off + p.width}) {{",
@@ -122,8 +127,10 @@ def finish_source(layout: AttendLayout, backend: str):
             f"      out_sh[{chan}] = {norm!r}f * v{j}_signs[j] * rot_sh[d];",
             "    }",
         ]
-    body = _FINISH_BODY.replace("VALUE_FWHT", "\n".join(butterflies)).replace(
-        "UNROTATE", "\n".join(unrot)
+    body = (
+        _FINISH_BODY.replace("VALUE_FWHT", "\n".join(butterflies))
+        .replace("UNROTATE", "\n".join(unrot))
+        .replace("MERGE_SPLITS", _merge_splits("((size_t)bh * S + s) * RB + r", "    "))
     )
     consts = f"  const int DV = {layout.dv};\n  const int NTF = {ATTEND_THREADS};\n"
     names = ["o", "ml", "sinks", "counts"] + [f"v{j}_signs" for j in range(len(layout.values))]

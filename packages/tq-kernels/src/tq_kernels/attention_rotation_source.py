@@ -11,7 +11,7 @@ import math
 
 from .attention_layout import AttendLayout
 
-__all__ = ["fwht", "q_load_prepared", "q_load_raw"]
+__all__ = ["fwht", "part_channel", "q_load_prepared", "q_load_raw"]
 
 q_load_prepared = r"""
   {
@@ -21,6 +21,13 @@ q_load_prepared = r"""
       qs[i] = fp ? qf[(size_t)bh * R * DK + i] : q[(size_t)bh * R * DQ + i];
   }
 """
+
+
+def part_channel(perm: str | None, dim: str, off: int) -> str:
+    """C expression of the channel that coordinate ``j`` of a part starting at ``off`` holds:
+    through the outlier permutation input ``perm`` (row ``h``, ``dim`` wide) when there is
+    one (fractional bits), else ``off + j``."""
+    return f"{perm}[h * {dim} + {off} + j]" if perm else f"{off} + j"
 
 
 def fwht(buf: str, base: str, width: int, rows: str, stride: str, threads: str) -> str:
@@ -62,7 +69,7 @@ def q_load_raw(layout: AttendLayout) -> str:
         "    } else {",
     ]
     for i, p in enumerate(layout.keys):
-        chan = f"kperm[h * DK + {p.qoff} + j]" if layout.kperm else f"{p.qoff} + j"
+        chan = part_channel("kperm" if layout.kperm else None, "DK", p.qoff)
         norm = 1.0 / math.sqrt(p.width)
         lines += [
             f"      for (int i = (int)tq_tid; i < R * {p.width}; i += NT) {{",
