@@ -13,6 +13,7 @@ import json
 
 import mlx.core as mx
 from tq_cli import bench_kv
+from tq_cli.atomic_write import write_text_atomic
 from tq_kernels import attention, attention_layout, attention_merge_source, attention_source
 
 
@@ -48,8 +49,8 @@ def main():
                     flush=True,
                 )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"benchmark": "attend_sweep", "mlx": mx.__version__, "rows": rows}, f)
+        result = {"benchmark": "attend_sweep", "mlx": mx.__version__, "rows": rows}
+        write_text_atomic(args.json, json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":

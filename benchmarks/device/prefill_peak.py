@@ -15,6 +15,7 @@ import time
 
 import mlx.core as mx
 from tq_cli import bench_kv
+from tq_cli.atomic_write import write_text_atomic
 from tq_kvcache import cache as cache_module
 
 
@@ -75,8 +76,7 @@ def main():
         "rows": rows,
     }
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_text_atomic(args.json, json.dumps(result, indent=1) + "\n")
     for r in rows:
         print(
             f"{r['context']:>6} {r['kind']:>6} eval={int(r['prefill_eval'])} "

@@ -16,6 +16,7 @@ import argparse
 import json
 
 import mlx.core as mx
+from tq_cli.atomic_write import write_text_atomic
 from tq_cli.bench_kernels import time_per_call
 from tq_cli.bench_kv import _context_rows, _tq_cache, parse_settings
 from tq_kvcache.attention import cache_attention
@@ -78,8 +79,8 @@ def main():
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"benchmark": "probe_sdpa", "mlx": mx.__version__, "rows": rows}, f)
+        result = {"benchmark": "probe_sdpa", "mlx": mx.__version__, "rows": rows}
+        write_text_atomic(args.json, json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":

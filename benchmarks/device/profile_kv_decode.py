@@ -18,6 +18,7 @@ import time
 
 import mlx.core as mx
 from tq_cli import bench_kv
+from tq_cli.atomic_write import write_text_atomic
 
 
 def step_time(model, cache, tok, tokens):
@@ -82,8 +83,7 @@ def main():
     out = []
     for kind, s in [("fp16", None)] + [(x["name"], x) for x in settings]:
         cache = bench_kv._make_cache(model, kind, s)
-        logits = bench_kv.prefill(model, prompt, cache)
-        tok = mx.argmax(logits[:, -1], axis=-1)
+        tok = bench_kv.prefill(model, prompt, cache)
         full, tok = step_time(model, cache, tok, args.tokens)
         # The same step with attention a no-op: what remains is the model and cache updates.
         noop = lambda q, k, v, cache=None, scale=None, mask=None, sinks=None: q  # noqa: E731
@@ -113,8 +113,8 @@ def main():
         del cache
         mx.clear_cache()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"context": args.context, "rows": out}, f, indent=1)
+        result = {"context": args.context, "rows": out}
+        write_text_atomic(args.json, json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -50,3 +50,29 @@ def test_json_records_where_it_ran_and_mlx_graph_limits(tmp_path, monkeypatch):
     assert result["mlx"] == mx.__version__ and result["device"] == str(mx.default_device())
     assert result["mlx_env"] == {"MLX_MAX_MB_PER_BUFFER": "100"}
     assert result["time"][:2] == "20" and len(result["attention"]) == 3
+
+
+def test_prefill_is_mlx_lms_and_model_rows_compare_every_cache(tmp_path, monkeypatch):
+    """bench_kv.prefill runs mlx-lm's generate_step over the prompt (chunked, nothing
+    generated), and model_rows gives each cache's peak, bytes and decode speed."""
+    import mlx.core as mx
+    from tq_cli_testkit import write_tiny_llama
+
+    monkeypatch.setattr(bench_kv, "_PREFILL_STEP", 64)
+    model = bench_kv.random_model(str(write_tiny_llama(tmp_path / "llama")))
+    prompt = mx.arange(300) % 50
+    (setting,) = bench_kv.parse_settings("K4V3", sink=16, buffer=16)
+    for kind in ("fp16", "tq"):
+        cache = bench_kv._make_cache(model, kind, setting)
+        tok = bench_kv.prefill(model, prompt, cache)
+        assert tok.tolist() == [prompt[-1].item()]
+        assert all(c.offset == 300 for c in cache)  # the prompt, and no generated token
+    assert cache[0].packed_codes()[0]  # the TurboQuant cache holds packed tokens
+
+    rows = bench_kv.model_rows(model, [300], [setting], decode_tokens=2, repeats=1)
+    by_kind = {r["kind"]: r for r in rows}
+    assert set(by_kind) == {"fp16", "mlx-lm-4bit", "K4V3"}
+    tq, fp16 = by_kind["K4V3"], by_kind["fp16"]
+    assert tq["decode_tok_per_s"] > 0 and tq["prefill_peak_bytes"] > 0
+    assert tq["cache_bytes"] < fp16["cache_bytes"]
+    assert tq["peak_vs_fp16"] == tq["prefill_peak_bytes"] / fp16["prefill_peak_bytes"]

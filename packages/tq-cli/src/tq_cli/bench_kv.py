@@ -10,9 +10,9 @@ Two parts, each side by side in one run:
   enough cache copies that they do not sit in L2, and divides; after a warmup, the median of
   ``repeats`` evals. Cache bytes are what each cache holds for the context.
 - ``model`` (with ``--model DIR``): a whole model (``--random-weights``: the config's shapes,
-  random fp16 weights) prefilled to each context with each cache as ``mlx_lm.generate`` does
-  (:func:`prefill`): peak memory during prefill (``mx.get_peak_memory``), cache bytes, and
-  decode tokens/s.
+  random fp16 weights) prefilled to each context with each cache by mlx-lm's own
+  ``generate_step`` (:func:`prefill`): peak memory during prefill (``mx.get_peak_memory``),
+  cache bytes, and decode tokens/s.
 """
 
 from __future__ import annotations
@@ -172,25 +172,25 @@ def _cache_bytes(cache) -> int:
 
 
 def prefill(model, prompt: mx.array, cache: list) -> mx.array:
-    """Prefill ``prompt`` as ``mlx_lm.generate`` does: all but the last token in chunks of
-    2048, evaluating only the caches (the chunks' logits are never computed) and clearing
-    MLX's buffer cache after each; then the last token. Returns its logits (1, 1, vocab)."""
-    T = prompt.shape[0]
-    for i in range(0, T - 1, _PREFILL_STEP):
-        model(prompt[None, i : min(i + _PREFILL_STEP, T - 1)], cache=cache)
-        mx.eval([c.state for c in cache])
-        mx.clear_cache()
-    logits = model(prompt[None, T - 1 :], cache=cache)
-    mx.eval(logits)
-    return logits
+    """Prefill ``prompt`` into ``cache`` with mlx-lm's own ``generate_step`` (all but the last
+    token in chunks of 2048 with only the caches evaluated, then the last token), generating
+    nothing. Returns the token a decode step starts from (1,): the prompt's last (the
+    weights are random, so which token it is does not matter)."""
+    from mlx_lm.generate import generate_step
+
+    steps = generate_step(
+        prompt, model, max_tokens=0, prompt_cache=cache, prefill_step_size=_PREFILL_STEP
+    )
+    for _ in steps:  # max_tokens=0: prefills, evaluates the first token, yields nothing
+        pass
+    return prompt[-1:]
 
 
 def _warm_up(model, kind: str, setting, prompt: mx.array) -> None:
     """A short prefill (two chunks, so a TurboQuant cache attends over packed tokens) and
     two decode steps."""
     cache = _make_cache(model, kind, setting)
-    logits = prefill(model, prompt[: 2 * _PREFILL_STEP + 1], cache)
-    tok = mx.argmax(logits[:, -1], axis=-1)
+    tok = prefill(model, prompt[: 2 * _PREFILL_STEP + 1], cache)
     for _ in range(2):
         tok = mx.argmax(model(tok[:, None], cache=cache)[:, -1], axis=-1)
         mx.eval(tok)
@@ -220,10 +220,9 @@ def model_rows(model, contexts, settings, decode_tokens=32, repeats=3, progress=
                 mx.reset_peak_memory()
                 base = mx.get_active_memory()
                 t0 = time.perf_counter()
-                logits = prefill(model, prompt, cache)
+                tok = prefill(model, prompt, cache)
                 prefill_s = time.perf_counter() - t0
                 peak = mx.get_peak_memory() - base
-                tok = mx.argmax(logits[:, -1], axis=-1)
                 per_token = []
                 for r in range(repeats + 1):
                     mx.synchronize()
@@ -245,7 +244,7 @@ def model_rows(model, contexts, settings, decode_tokens=32, repeats=3, progress=
             except Exception as exc:  # e.g. MLX has no kernel for this cache on this GPU
                 rows.append({"context": T, "kind": kind, "error": f"{type(exc).__name__}: {exc}"})
                 continue
-            del cache, logits
+            del cache
             mx.clear_cache()
         fp16 = {r["kind"]: r for r in rows if r["context"] == T}["fp16"]
         for r in rows:
