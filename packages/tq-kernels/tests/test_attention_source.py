@@ -1,10 +1,11 @@
 """Packed-KV attention kernel source: one body for CUDA and Metal per codes layout (CI)."""
 
+import mlx.core as mx
 import pytest
 from tq_kernels.attention import (
     KeyPart,
     ValuePart,
-    _counts,
+    _constant,
     _layout,
     counts_values,
     fp_splits,
@@ -108,9 +109,9 @@ def test_every_kernel_reads_the_fp16_splits_the_launch_sizes():
             fp_splits(n_sink + n_tail),
         )
     # between flushes the tail grows but the counts array stays the same object
-    assert _counts(counts_values(512, 128, 130, 1, False)) is _counts(
-        counts_values(512, 128, 140, 1, False)
-    )
+    first = _constant(counts_values(512, 128, 130, 1, False), mx.int32)
+    assert _constant(counts_values(512, 128, 140, 1, False), mx.int32) is first
+    assert first.tolist() == [512, 1, 1, 1, 0, 0, 0, 0, 2]
 
 
 def test_value_positions_follow_the_parts():
