@@ -33,8 +33,19 @@ def test_sphere_one_bit_closed_form():
     for d in (16, 64, 128):
         e_abs = math.exp(math.lgamma(d / 2) - math.lgamma((d + 1) / 2)) / math.sqrt(math.pi)
         cb = sphere_codebook(1, d)
-        assert cb.centroids[1] == pytest.approx(e_abs, rel=1e-6)
-        assert cb.distortion == pytest.approx(1 - d * e_abs**2, rel=1e-5)
+        # The centroid is E|X| rounded to float16 (the codebook is float16-exact), and the
+        # distortion is that of the rounded centroid: E X^2 - 2 c E|X| + c^2 per coordinate.
+        c = cb.centroids[1]
+        assert c == float(np.float16(e_abs)) and c == pytest.approx(e_abs, rel=2**-11)
+        assert cb.distortion == pytest.approx(1 - d * (2 * c * e_abs - c * c), rel=1e-5)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_sphere_centroids_are_float16_exact(bits):
+    cb = sphere_codebook(bits, 128)
+    assert np.array_equal(cb.centroids, cb.centroids.astype(np.float16).astype(np.float64))
+    assert np.array_equal(cb.boundaries, 0.5 * (cb.centroids[1:] + cb.centroids[:-1]))
+    assert len(np.unique(cb.centroids)) == 1 << bits
 
 
 def test_sphere_tends_to_gaussian():

@@ -19,6 +19,7 @@ from tq_kernels.attention_layout import (
     value_positions,
 )
 from tq_kernels.attention_merge_source import combine_source, finish_source
+from tq_kernels.attention_mma_source import mma_applies
 from tq_kernels.attention_source import attend_source
 
 LAYOUTS = {
@@ -42,8 +43,11 @@ def test_attend_source_is_one_body_for_both_backends(name):
     dk, dv = sum(p.width for p in keys), sum(p.width for p in values)
     layout, dq = _layout(keys, values, 3, dk, dv)
     assert layout.rows == 4  # 3 query rows compile as the 4-row bucket
-    cuda, metal = attend_source(layout, "cuda"), attend_source(layout, "metal")
+    # The SIMT body is one text; CUDA adds the tensor-core packed branch where it applies.
+    cuda, metal = attend_source(layout, "cuda", mma=False), attend_source(layout, "metal")
     assert _strip(cuda[2]) == _strip(metal[2])
+    mma = attend_source(layout, "cuda")
+    assert ("tq_mma16816(" in mma[2]) == mma_applies(layout, "cuda") and mma[3] == cuda[3]
     assert cuda[3] == metal[3] and cuda[4] == ("o", "ml")
     assert "__shfl_xor_sync" in cuda[1] and "simd_max" in metal[1]
     assert "__shared__" not in metal[1] + metal[2] and "threadIdx" not in metal[2]
@@ -52,6 +56,23 @@ def test_attend_source_is_one_body_for_both_backends(name):
     for i, p in enumerate(keys):
         assert (f"k{i}_idx" in cuda[3]) == bool(p.bits)
         assert (f"k{i}_sgn" in cuda[3]) == p.prod
+
+
+def test_tensor_core_path_applies_to_mse_layouts_on_cuda_only():
+    def layout(keys, values, rows=4):
+        dk, dv = sum(p.width for p in keys), sum(p.width for p in values)
+        return _layout(keys, values, rows, dk, dv)[0]
+
+    k4v3 = layout(*LAYOUTS["k4v3"])
+    assert mma_applies(k4v3, "cuda") and not mma_applies(k4v3, "metal")
+    assert mma_applies(layout(*LAYOUTS["k3.5v2.5"]), "cuda")  # two parts each side
+    assert not mma_applies(layout(*LAYOUTS["k3v2-prod"]), "cuda")  # QJL keys
+    assert not mma_applies(layout(*LAYOUTS["k4v3"], rows=16), "cuda")  # n side is 8 rows
+    k8 = ((KeyPart(128, 8),), (ValuePart(128, 3, None, None, None),))
+    assert not mma_applies(layout(*k8), "cuda")  # no 8-bit pair table
+    body = attend_source(k4v3, "cuda")[2]
+    assert body.count("tq_ldsm_x4(") == 8 and body.count("tq_ldsm_x4_t(") == 8
+    assert body.count("tq_mma16816(") == 8 * 2 + 8  # keys: hi and lo query halves
 
 
 def test_combine_source_for_both_backends():
@@ -129,7 +150,7 @@ def test_raw_query_sources_for_both_backends(name):
     dk, dv = sum(p.width for p in keys), sum(p.width for p in values)
     perm = len(keys) > 1
     layout, _ = _layout(keys, values, 4, dk, dv, True, perm, perm)
-    for make in (attend_source, finish_source):
+    for make in (lambda lay, b: attend_source(lay, b, mma=False), finish_source):
         cuda, metal = make(layout, "cuda"), make(layout, "metal")
         assert _strip(cuda[2]) == _strip(metal[2]) and cuda[3] == metal[3]
     assert ("kperm" in attend_source(layout, "cuda")[3]) == perm

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from tq_kernels.attention import KeyPart, ValuePart, _layout
 from tq_kernels.attention_merge_source import combine_source, finish_source
+from tq_kernels.attention_mma_source import mma_applies
 from tq_kernels.attention_source import attend_source, prefetches_values
 from tq_kernels.sources import kernel_source
 
@@ -193,12 +194,14 @@ def _attend_kernels(backend: str):
         for dtype, ctype in DTYPES[backend].items():
             if dtype != "float16" and layout.rows != 4:
                 continue  # each dtype once per layout is enough
-            name, kheader, body, inputs, outputs = attend_source(layout, backend)
-            assert header in (None, kheader)  # one header for every layout
-            header = kheader
-            args = {n: _ctype(backend, n, ctype, layout.raw) for n in inputs}
-            kernels.append((f"{name}_{dtype}", body, args, {o: "float" for o in outputs}))
-            paths.add(prefetches_values(layout))
+            # CUDA: the tensor-core packed splits where they apply, and the SIMT body.
+            for mma in (True, False) if mma_applies(layout, backend) else (True,):
+                name, kheader, body, inputs, outputs = attend_source(layout, backend, mma)
+                assert header in (None, kheader)  # one header for every layout
+                header = kheader
+                args = {n: _ctype(backend, n, ctype, layout.raw) for n in inputs}
+                kernels.append((f"{name}_{dtype}", body, args, {o: "float" for o in outputs}))
+                paths.add(prefetches_values(layout))
     return header, kernels, paths
 
 

@@ -130,8 +130,12 @@ def test_minify_keeps_code_and_drops_comments():
 
     text = "#define A 1\n  // why\n  int x = a  /  b; // c\n\n  /* block\n */ y = -x;\n"
     assert minify(text) == "#define A 1\nint x = a / b;\ny = -x;\n"
-    with pytest.raises(ValueError, match="literals"):
-        minify('#include "x.h"\n')
+    # String literals (inline PTX) are kept as written, "//" and blanks inside included.
+    asm = 'asm("mma.sync  {%0}, [%1]; // not a comment");  // a comment\n'
+    assert minify(asm) == 'asm("mma.sync  {%0}, [%1]; // not a comment");\n'
+    for bad in ("char c = 'x';\n", 'asm("open\n'):
+        with pytest.raises(ValueError, match="literals"):
+            minify(bad)
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -82,7 +82,9 @@ def _context_rows(T, settings, heads, kv_heads, head_dim, calls, repeats) -> lis
 
     dense = k.nbytes + v.nbytes
     kv = [(k, v)] + [(k + 0, v + 0) for _ in range(_copies(dense, calls) - 1)]
-    mx.eval(kv)
+    # Only the new copies: on MLX-CUDA 0.32.4 a second mx.eval of the evaluated k and v made
+    # SDPA over them read 3.3x slower at 128K (650 against 200 us; docs/kvcache.md).
+    mx.eval(kv[1:])
     sec = _per_step(
         lambda c: mx.fast.scaled_dot_product_attention(q, *c, scale=scale), kv, calls, repeats
     )

@@ -78,7 +78,9 @@ def _cumulative(x: np.ndarray, f: np.ndarray) -> np.ndarray:
     return out
 
 
-def _lloyd_max(x: np.ndarray, p: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray, float]:
+def _lloyd_max(
+    x: np.ndarray, p: np.ndarray, levels: int, float16_exact: bool = False
+) -> tuple[np.ndarray, np.ndarray, float]:
     mass = _cumulative(x, p)
     p = p / mass[-1]
     m0, m1, m2 = _cumulative(x, p), _cumulative(x, x * p), _cumulative(x, x * x * p)
@@ -101,6 +103,10 @@ def _lloyd_max(x: np.ndarray, p: np.ndarray, levels: int) -> tuple[np.ndarray, n
             break
     # Symmetric law: enforce exact symmetry against quadrature round-off.
     centroids = 0.5 * (centroids - centroids[::-1])
+    if float16_exact:
+        # Rounding is symmetric, so the codebook stays symmetric; boundaries and mse below
+        # are those of the rounded centroids (an mse change of order 1e-8 relative).
+        centroids = centroids.astype(np.float16).astype(np.float64)
     edges = 0.5 * (centroids[1:] + centroids[:-1])
     lo = np.concatenate([[x[0]], edges])
     hi = np.concatenate([edges, [x[-1]]])
@@ -122,11 +128,15 @@ def gaussian_codebook(bits: int) -> Codebook:
 
 @cache
 def sphere_codebook(bits: int, dim: int) -> Codebook:
-    """Lloyd-Max codebook for one coordinate of a uniform random unit vector in R^dim."""
+    """Lloyd-Max codebook for one coordinate of a uniform random unit vector in R^dim.
+
+    The centroids are rounded to float16-representable values (boundaries and mse are those
+    of the rounded centroids), so a kernel may dequantize KV codes to float16 without error:
+    the tensor-core attention of tq-kernels feeds them to fp16 matrix units."""
     check_choice("bits", bits, CODEBOOK_BITS)
     check_positive_int("dim", dim)
     if dim < 3:
         raise ValueError(f"dim must be at least 3 for the sphere coordinate law, got {dim}")
     x, p = _grid_law("sphere", dim)
-    c, b, mse = _lloyd_max(x, p, 1 << bits)
+    c, b, mse = _lloyd_max(x, p, 1 << bits, float16_exact=True)
     return Codebook("sphere", bits, dim, c, b, mse)

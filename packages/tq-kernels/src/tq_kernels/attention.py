@@ -8,6 +8,7 @@ codebook. See :mod:`tq_kernels.attention_source` for the kernels.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cache, lru_cache
 
@@ -107,10 +108,15 @@ def _compiled(source: tuple, backend: str, row_contiguous: bool):
     )
 
 
+#: Packed splits on the tensor cores where the layout allows (CUDA; attention_mma_source).
+#: ``TQ_ATTEND_MMA=0`` or setting this False runs the SIMT body everywhere (A/B benchmarks).
+MMA_ATTEND = os.environ.get("TQ_ATTEND_MMA", "1") != "0"
+
+
 @cache
-def _attend_kernel(layout: AttendLayout, backend: str):
+def _attend_kernel(layout: AttendLayout, backend: str, mma: bool):
     # Code arrays are views sliced to the tokens held: read through their strides.
-    return _compiled(attend_source(layout, backend), backend, False)
+    return _compiled(attend_source(layout, backend, mma), backend, False)
 
 
 def fp_splits(n_fp: int) -> int:
@@ -124,7 +130,7 @@ def _attend(layout: AttendLayout, backend: str, inputs: list, nsplit: int, n_fp:
     outputs and (max, sum) rows."""
     rb, dv = layout.rows, layout.dv
     splits = nsplit + fp_splits(n_fp)
-    return _attend_kernel(layout, backend)(
+    return _attend_kernel(layout, backend, MMA_ATTEND)(
         inputs=inputs,
         grid=(splits * ATTEND_THREADS, cols, 1),
         threadgroup=(ATTEND_THREADS, 1, 1),

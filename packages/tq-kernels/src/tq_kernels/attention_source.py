@@ -29,6 +29,7 @@ from .attention_layout import (
     AttendLayout,
     value_positions,
 )
+from .attention_mma_source import MMA_HELPERS, mma_applies, mma_packed_code
 from .attention_part_source import (
     PART_HELPERS,
     key_part_code,
@@ -96,6 +97,7 @@ CB_LOADS
 
   const int begin = fp ? (split - nsplit) * NT : split * chunk;
   const int end = fp ? min(n_sink + n_tail, begin + NT) : min(n_packed, begin + chunk);
+MMA_PACKED
   float m_run[R];
   float l_th[R];
   float acc[R][VC];
@@ -283,10 +285,13 @@ def prefetches_values(layout: AttendLayout) -> bool:
     return shared_bytes(layout, True) <= SHARED_BUDGET
 
 
-def attend_source(layout: AttendLayout, backend: str):
-    """(name, header, body, input names, output names) of the attend kernel for ``layout``."""
-    cb_off, key_code, cb_loads = 0, [], []
+def attend_source(layout: AttendLayout, backend: str, mma: bool = True):
+    """(name, header, body, input names, output names) of the attend kernel for ``layout``;
+    with ``mma`` its packed splits run on the tensor cores where :func:`mma_applies`."""
+    use_mma = mma and mma_applies(layout, backend)
+    cb_off, key_code, cb_loads, key_cb, value_cb = 0, [], [], [], []
     for i, p in enumerate(layout.keys):
+        key_cb.append(cb_off)
         if p.bits:
             key_code.append(key_part_code(i, p, cb_off, layout.dq))
             cb_loads.append(
@@ -296,9 +301,11 @@ def attend_source(layout: AttendLayout, backend: str):
             cb_off += 1 << p.bits
         else:
             key_code.append(key_part_code(i, p, 0, layout.dq))
-    prefetch = prefetches_values(layout)
+    # The tensor-core path reads its own tiles: no value prefetch for the SIMT packed loop.
+    prefetch = prefetches_values(layout) and not use_mma
     value_code, acc_off, woff = [], 0, 0
     for j, p in enumerate(layout.values):
+        value_cb.append(cb_off)
         value_code.append(value_part_code(j, p, cb_off, acc_off, woff if prefetch else None))
         cb_loads.append(
             f"  for (int i = (int)tq_tid; i < {1 << p.bits}; i += NT) "
@@ -327,6 +334,7 @@ def attend_source(layout: AttendLayout, backend: str):
         .replace("OUT_POS", _out_pos(layout)[0])
         .replace("HEADS_OF", f"{probe}_shape[1]")
         .replace("NPACKED_OF", f"{probe}_shape[2]")
+        .replace("MMA_PACKED", mma_packed_code(layout, key_cb, value_cb) if use_mma else "")
     )
     consts = (
         f"  const int NT = {ATTEND_THREADS};\n  const int R = {layout.rows};\n"
@@ -336,8 +344,8 @@ def attend_source(layout: AttendLayout, backend: str):
         f"  const int VS = {_value_stride(layout)};\n  const int NVP = {len(layout.values)};\n"
         + _out_pos(layout)[1]
     )
-    header = prelude(backend) + PART_HELPERS
-    name = f"tq_kv_attend_{layout.tag()}_{backend}"
+    header = prelude(backend) + PART_HELPERS + (MMA_HELPERS if backend == "cuda" else "")
+    name = f"tq_kv_attend_{layout.tag()}_{backend}{'_mma' if use_mma else ''}"
     return (
         name,
         header,

@@ -12,16 +12,24 @@ import re
 
 __all__ = ["minify"]
 
-_LINE_COMMENT = re.compile(r"//[^\n]*")
-_BLOCK_COMMENT = re.compile(r"/\*.*?\*/", re.S)
-_SPACES = re.compile(r"[ \t]+")
+# A string literal (kept as written: inline PTX lives in them), or a comment, or a run of
+# blanks; scanned left to right so "//" inside a literal is never taken for a comment.
+_TOKEN = re.compile(r'"(?:\\.|[^"\\\n])*"|//[^\n]*|/\*.*?\*/|[ \t]+', re.S)
+
+
+def _squeeze(m: re.Match) -> str:
+    t = m[0]
+    if t[0] == '"':
+        return t
+    return " " if t[0] in " \t" or t.startswith("/*") else ""
 
 
 def minify(text: str) -> str:
     """``text`` without comments and redundant whitespace. Lines stay lines (preprocessor
-    directives need their own); kernel text has no string literals, which is checked."""
-    text = _BLOCK_COMMENT.sub(" ", _LINE_COMMENT.sub("", text))
-    if '"' in text or "'" in text:  # a literal could hold "//": refuse rather than cut it
-        raise ValueError("minify: kernel text with string or character literals")
-    lines = (_SPACES.sub(" ", line).strip() for line in text.split("\n"))
+    directives need their own); string literals (inline assembly) are kept verbatim, and
+    a character literal or an unterminated string is refused rather than guessed at."""
+    out = _TOKEN.sub(_squeeze, text)
+    if "'" in _TOKEN.sub(lambda m: "" if m[0][0] == '"' else m[0], out) or out.count('"') % 2:
+        raise ValueError("minify: kernel text with character literals or unterminated strings")
+    lines = (line.strip() for line in out.split("\n"))
     return "\n".join(line for line in lines if line) + "\n"
