@@ -55,6 +55,7 @@ inline float __expf(float v) { return v; }
 inline float fmaxf(float a, float b) { return a > b ? a : b; }
 inline void __syncthreads() {}
 static uint3 threadIdx, blockIdx, blockDim;
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 using std::max;
 using std::min;
 """

@@ -134,24 +134,24 @@ def mma_shared_bytes(layout: AttendLayout) -> int:
     probability transpose and the (max, sum) of every warp."""
     warps = ATTEND_THREADS // 32
     lut = _lut_offsets(layout)[2] * 4
-    return lut + warps * (16 * _TILE_STRIDE * 2 + 16 * 8 * 4 + 8 * 2 * 4)
+    staged = sum(16 * (w + 1) for _, w, _ in _streams(layout)) * 4
+    return lut + warps * (16 * _TILE_STRIDE * 2 + 16 * 8 * 4 + 8 * 2 * 4 + staged)
 
 
-def _dequant(src: str, bits: int, blk: int, lut: int) -> str:
-    """Dequantize channels ``32*blk .. 32*blk+31`` of the warp's 16 tokens of packed stream
-    ``src`` into the warp's fp16 tile (token rows of 40 halves): lane takes (token, 8-channel
-    group) units ``lane`` and ``lane + 32``, one 8*bits-bit window each, four pair lookups,
-    one 16-byte store."""
+def _dequant(words: int, stride: int, bits: int, blk: int, lut: int) -> str:
+    """Dequantize channels ``32*blk .. 32*blk+31`` of the warp's 16 tokens into the warp's
+    fp16 tile (token rows of 40 halves), from their words staged at ``mma_w`` offset
+    ``words`` (:func:`_staging`): lane takes (token, 8-channel group) units ``lane`` and
+    ``lane + 32``, one 8*bits-bit window each, four pair lookups, one 16-byte store."""
     mask = (1 << (2 * bits)) - 1
     return f"""
         for (int uu = lane; uu < 64; uu += 32) {{
           const int tk = uu >> 2;
           const int u = uu & 3;
-          const int tkn = min(tok0 + tk, end - 1);
-          const size_t rb = TQ_AT({src}, tkn);
           const int bit = {blk * 32 * bits} + u * {8 * bits};
-          const tq_uint lo = {src}[rb + (bit >> 5)];
-          const tq_uint hi = ((bit & 31) + {8 * bits} > 32) ? {src}[rb + (bit >> 5) + 1] : 0u;
+          const TQ_TGPTR tq_uint* row = wsh + {words} + tk * {stride};
+          const tq_uint lo = row[bit >> 5];
+          const tq_uint hi = ((bit & 31) + {8 * bits} > 32) ? row[(bit >> 5) + 1] : 0u;
           const tq_uint w = tq_funnel(lo, hi, bit & 31);
           uint4 hv;
           hv.x = mma_lut[{lut} + (w & {mask}u)];
@@ -163,10 +163,81 @@ def _dequant(src: str, bits: int, blk: int, lut: int) -> str:
         tq_syncwarp();"""
 
 
+def _streams(layout: AttendLayout) -> list[tuple[str, int, int]]:
+    """(input, words per token, offset in a warp's staging area) of every packed stream a
+    step reads: key parts, then value parts; each token row padded to an odd stride."""
+    out, off = [], 0
+    for name, parts in (("k", layout.keys), ("v", layout.values)):
+        for i, p in enumerate(parts):
+            w = p.width // 32 * p.bits
+            out.append((f"{name}{i}_idx", w, off))
+            off += 16 * (w + 1)
+    return out
+
+
+def _staging(layout: AttendLayout) -> tuple[str, str]:
+    """(load, store) text of a step's code words: ``load`` issues the 16 tokens' rows of
+    every stream at token ``tq_ld`` into registers (16-byte loads where a row allows;
+    consecutive tokens' rows are contiguous), ``store`` puts them in the warp's staging
+    area. The loop issues the next step's loads before computing the current one, so one
+    memory round trip per step is hidden behind the arithmetic."""
+    load, store = [], []
+    for n, (src, w, off) in enumerate(_streams(layout)):
+        vec = 4 if w % 4 == 0 else 1
+        chunks = 16 * w // vec
+        for r in range(-(-chunks // 32)):
+            reg = f"st{n}_{r}"
+            cond = f"c < {chunks} && c * {vec} < nv * {w}"
+            fetch = (
+                f"*reinterpret_cast<const uint4*>({src} + rb{n} + c * 4)"
+                if vec == 4
+                else f"{src}[rb{n} + c]"
+            )
+            load += [
+                "      {",
+                f"        const int c = lane + {32 * r};",
+                f"        if ({cond}) {reg} = {fetch};",
+                "      }",
+            ]
+            comps = ("x", "y", "z", "w") if vec == 4 else ("",)
+            store += [
+                "      {",
+                f"        const int c = lane + {32 * r};",
+                f"        if (c < {chunks}) {{",
+            ]
+            for e, comp in enumerate(comps):
+                val = f"{reg}.{comp}" if comp else reg
+                store += [
+                    f"          const int i{e} = c * {vec} + {e};",
+                    f"          const int t{e} = i{e} / {w};",
+                    f"          wsh[{off} + t{e} * {w + 1} + i{e} - t{e} * {w}] = {val};",
+                ]
+            store += ["        }", "      }"]
+    heads = [
+        f"      const size_t rb{n} = TQ_AT({src}, tq_ld);"
+        for n, (src, _, _) in enumerate(_streams(layout))
+    ]
+    load = ["      const int nv = min(16, end - tq_ld);", *heads, *load]
+    return "\n".join(load), "\n".join(store)
+
+
+def _staging_regs(layout: AttendLayout) -> str:
+    out = []
+    for n, (_, w, _) in enumerate(_streams(layout)):
+        vec = 4 if w % 4 == 0 else 1
+        for r in range(-(-(16 * w // vec) // 32)):
+            zero = "make_uint4(0u, 0u, 0u, 0u)" if vec == 4 else "0u"
+            out.append(f"    {'uint4' if vec == 4 else 'tq_uint'} st{n}_{r} = {zero};")
+    return "\n".join(out)
+
+
 def mma_packed_code(layout: AttendLayout, key_cb: list[int], value_cb: list[int]) -> str:
     """The packed-split branch of the attend body (returns after writing its split);
     ``key_cb`` / ``value_cb``: each part's codebook offset in ``cb_sh``."""
     klut, vlut, nlut = _lut_offsets(layout)
+    streams = _streams(layout)
+    staged = sum(16 * (w + 1) for _, w, _ in streams)
+    load, store = _staging(layout)
     ks = layout.dq // 16
     dv16 = layout.dv // 16
     lines = [
@@ -176,6 +247,7 @@ def mma_packed_code(layout: AttendLayout, key_cb: list[int], value_cb: list[int]
         f"    TQ_SHARED uint4 mma_tile[NWARPS * {16 * _TILE_STRIDE // 8}];",
         "    TQ_SHARED float mma_p[NWARPS * 128];",
         "    TQ_SHARED float mma_ml[NWARPS * 16];",
+        f"    TQ_SHARED tq_uint mma_w[NWARPS * {staged}];",
     ]
     for parts, luts, cbs in ((layout.keys, klut, key_cb), (layout.values, vlut, value_cb)):
         for p, lut, cb in zip(parts, luts, cbs):
@@ -221,7 +293,19 @@ def mma_packed_code(layout: AttendLayout, key_cb: list[int], value_cb: list[int]
         "8 * (mi >> 1)) * 2;",
         f"    const unsigned va = tile_s + (((lane & 7) + 8 * (mi >> 1)) * {_TILE_STRIDE} + "
         "8 * (mi & 1)) * 2;",
+        f"    TQ_TGPTR tq_uint* wsh = mma_w + warp * {staged};",
+        _staging_regs(layout),
+        "    if (begin + warp * 16 < end) {",
+        "      const int tq_ld = begin + warp * 16;",
+        load,
+        "    }",
         "    for (int tok0 = begin + warp * 16; tok0 < end; tok0 += NWARPS * 16) {",
+        store,
+        "      tq_syncwarp();",
+        "      if (tok0 + NWARPS * 16 < end) {  // the next step's words, in flight meanwhile",
+        "        const int tq_ld = tok0 + NWARPS * 16;",
+        load,
+        "      }",
         "      float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // (token g | g + 8) x (row 2t4 | 2t4 + 1)",
         "      const int tg0 = tok0 + g, tg1 = tok0 + g + 8;",
     ]
@@ -232,7 +316,8 @@ def mma_packed_code(layout: AttendLayout, key_cb: list[int], value_cb: list[int]
             "        float ci[4] = {0.0f, 0.0f, 0.0f, 0.0f};",
         ]
         for blk in range(p.width // 32):
-            lines.append(_dequant(f"k{i}_idx", p.bits, blk, klut[i]))
+            _, w, off = streams[i]
+            lines.append(_dequant(off, w + 1, p.bits, blk, klut[i]))
             for kk in range(2):
                 k = (p.qoff + 32 * blk + 16 * kk) // 16
                 lines += [
@@ -299,7 +384,8 @@ def mma_packed_code(layout: AttendLayout, key_cb: list[int], value_cb: list[int]
             f"                      v9 < end ? pt3 * tq_float({norm}[TQ_AT({norm}, v9)]) : 0.0f);",
         ]
         for blk in range(p.width // 32):
-            lines.append(_dequant(f"v{j}_idx", p.bits, blk, vlut[j]))
+            _, w, off = streams[len(layout.keys) + j]
+            lines.append(_dequant(off, w + 1, p.bits, blk, vlut[j]))
             for kk in range(2):
                 m = (p.off + 32 * blk + 16 * kk) // 16
                 lines += [
