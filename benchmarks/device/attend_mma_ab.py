@@ -79,7 +79,7 @@ def main():
             diff = float(mx.abs(outs[True] - outs[False]).max())
             scale = float(mx.abs(outs[False]).max())
             emit({"context": T, "kind": s["name"], "mma_vs_simt_max_rel_diff": diff / scale})
-            attention.MMA_ATTEND = True
+            attention.MMA_ATTEND = False
             del caches
         del kv
         mx.clear_cache()

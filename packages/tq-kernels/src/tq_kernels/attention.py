@@ -108,9 +108,10 @@ def _compiled(source: tuple, backend: str, row_contiguous: bool):
     )
 
 
-#: Packed splits on the tensor cores where the layout allows (CUDA; attention_mma_source).
-#: ``TQ_ATTEND_MMA=0`` or setting this False runs the SIMT body everywhere (A/B benchmarks).
-MMA_ATTEND = os.environ.get("TQ_ATTEND_MMA", "1") != "0"
+#: Packed splits on the tensor cores where the layout allows (CUDA; attention_mma_source):
+#: off by default, because on the H100 it measured slower than the SIMT body (1.2-1.5x the
+#: time at 4K-128K, docs/kvcache.md); ``TQ_ATTEND_MMA=1`` or setting this True turns it on.
+MMA_ATTEND = os.environ.get("TQ_ATTEND_MMA", "0") == "1"
 
 
 @cache
