@@ -231,6 +231,20 @@ def _staging_regs(layout: AttendLayout) -> str:
     return "\n".join(out)
 
 
+def _tile_products(stream: tuple, part, lut: int, products) -> list[str]:
+    """A part's 32-channel blocks in turn: dequantize the block into the warp's tile, then
+    ``products(c)`` (the matrix products of the part's 16-channel column ``c``, two per
+    block) read it; the tile is free again after the last."""
+    _, w, off = stream
+    lines = []
+    for blk in range(part.width // 32):
+        lines.append(_dequant(off, w + 1, part.bits, blk, lut))
+        for c in (2 * blk, 2 * blk + 1):
+            lines += ["        {", "          unsigned a[4];", *products(c), "        }"]
+        lines.append("        tq_syncwarp();")
+    return lines
+
+
 def mma_packed_code(layout: AttendLayout, key_cb: list[int], value_cb: list[int]) -> str:
     """The packed-split branch of the attend body (returns after writing its split);
     ``key_cb`` / ``value_cb``: each part's codebook offset in ``cb_sh``."""
@@ -315,20 +329,16 @@ def mma_packed_code(layout: AttendLayout, key_cb: list[int], value_cb: list[int]
             f"      {{  // key part {i}: width {p.width}, {p.bits} bits",
             "        float ci[4] = {0.0f, 0.0f, 0.0f, 0.0f};",
         ]
-        for blk in range(p.width // 32):
-            _, w, off = streams[i]
-            lines.append(_dequant(off, w + 1, p.bits, blk, klut[i]))
-            for kk in range(2):
-                k = (p.qoff + 32 * blk + 16 * kk) // 16
-                lines += [
-                    "        {",
-                    "          unsigned a[4];",
-                    f"          tq_ldsm_x4(a, ka + {32 * kk});",
-                    f"          tq_mma16816(ci, a, qh[{k}]);",
-                    f"          tq_mma16816(ci, a, ql[{k}]);",
-                    "        }",
-                ]
-            lines.append("        tq_syncwarp();")
+        lines += _tile_products(
+            streams[i],
+            p,
+            klut[i],
+            lambda c, q0=p.qoff // 16: (
+                f"          tq_ldsm_x4(a, ka + {32 * (c % 2)});",
+                f"          tq_mma16816(ci, a, qh[{q0 + c}]);",
+                f"          tq_mma16816(ci, a, ql[{q0 + c}]);",
+            ),
+        )
         lines += [
             f"        const float n0 = tg0 < end ? tq_float({norm}[TQ_AT({norm}, tg0)]) : 0.0f;",
             f"        const float n1 = tg1 < end ? tq_float({norm}[TQ_AT({norm}, tg1)]) : 0.0f;",
@@ -383,19 +393,15 @@ def mma_packed_code(layout: AttendLayout, key_cb: list[int], value_cb: list[int]
             f"        pb[1] = tq_h2(v8 < end ? pt2 * tq_float({norm}[TQ_AT({norm}, v8)]) : 0.0f,",
             f"                      v9 < end ? pt3 * tq_float({norm}[TQ_AT({norm}, v9)]) : 0.0f);",
         ]
-        for blk in range(p.width // 32):
-            _, w, off = streams[len(layout.keys) + j]
-            lines.append(_dequant(off, w + 1, p.bits, blk, vlut[j]))
-            for kk in range(2):
-                m = (p.off + 32 * blk + 16 * kk) // 16
-                lines += [
-                    "        {",
-                    "          unsigned a[4];",
-                    f"          tq_ldsm_x4_t(a, va + {32 * kk});",
-                    f"          tq_mma16816(acc[{m}], a, pb);",
-                    "        }",
-                ]
-            lines.append("        tq_syncwarp();")
+        lines += _tile_products(
+            streams[len(layout.keys) + j],
+            p,
+            vlut[j],
+            lambda c, m0=p.off // 16: (
+                f"          tq_ldsm_x4_t(a, va + {32 * (c % 2)});",
+                f"          tq_mma16816(acc[{m0 + c}], a, pb);",
+            ),
+        )
         lines.append("      }")
     lines += [
         "    }",
