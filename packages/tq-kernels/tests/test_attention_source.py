@@ -161,3 +161,12 @@ def test_raw_query_sources_for_both_backends(name):
 def test_raw_queries_refuse_prod_keys():
     with pytest.raises(ValueError, match="raw queries"):
         _layout(*LAYOUTS["k3v2-prod"], 1, 128, 128, True)
+
+
+def test_launch_bounds_name_their_own_cuda_module():
+    keys, values = LAYOUTS["k4v3"]
+    layout = _layout(keys, values, 4, 128, 128)[0]
+    plain, capped = attend_source(layout, "cuda"), attend_source(layout, "cuda", min_blocks=3)
+    assert "__launch_bounds__" not in plain[1] and "__launch_bounds__(256, 3)" in capped[1]
+    assert capped[0] == plain[0] + "_lb3" and capped[2] == plain[2]  # MLX caches by name
+    assert attend_source(layout, "metal", min_blocks=3)[1] == attend_source(layout, "metal")[1]

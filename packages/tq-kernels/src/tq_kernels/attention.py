@@ -114,10 +114,15 @@ def _compiled(source: tuple, backend: str, row_contiguous: bool):
 MMA_ATTEND = os.environ.get("TQ_ATTEND_MMA", "0") == "1"
 
 
+#: Threadgroups per SM the CUDA compiler is asked to fit (``__launch_bounds__``; 0: its own
+#: choice). ``TQ_ATTEND_MIN_BLOCKS=N`` sets it (occupancy experiments, docs/kvcache.md).
+ATTEND_MIN_BLOCKS = int(os.environ.get("TQ_ATTEND_MIN_BLOCKS", "0"))
+
+
 @cache
-def _attend_kernel(layout: AttendLayout, backend: str, mma: bool):
+def _attend_kernel(layout: AttendLayout, backend: str, mma: bool, min_blocks: int):
     # Code arrays are views sliced to the tokens held: read through their strides.
-    return _compiled(attend_source(layout, backend, mma), backend, False)
+    return _compiled(attend_source(layout, backend, mma, min_blocks), backend, False)
 
 
 def fp_splits(n_fp: int) -> int:
@@ -131,7 +136,7 @@ def _attend(layout: AttendLayout, backend: str, inputs: list, nsplit: int, n_fp:
     outputs and (max, sum) rows."""
     rb, dv = layout.rows, layout.dv
     splits = nsplit + fp_splits(n_fp)
-    return _attend_kernel(layout, backend, MMA_ATTEND)(
+    return _attend_kernel(layout, backend, MMA_ATTEND, ATTEND_MIN_BLOCKS)(
         inputs=inputs,
         grid=(splits * ATTEND_THREADS, cols, 1),
         threadgroup=(ATTEND_THREADS, 1, 1),

@@ -285,9 +285,25 @@ def prefetches_values(layout: AttendLayout) -> bool:
     return shared_bytes(layout, True) <= SHARED_BUDGET
 
 
-def attend_source(layout: AttendLayout, backend: str, mma: bool = True):
+def _launch_bounds(backend: str, min_blocks: int) -> str:
+    """CUDA header lines that give the kernel MLX defines after the header
+    ``__launch_bounds__(NT, min_blocks)``: the compiler then caps registers so that
+    ``min_blocks`` threadgroups fit one SM (MLX's ``cuda_kernel`` has no option for it; its
+    generated definition begins with ``__global__``, redefined here for this module only)."""
+    if backend != "cuda" or min_blocks <= 0:
+        return ""
+    return (
+        "\n#undef __global__\n"
+        f"#define __global__ __attribute__((global)) "
+        f"__launch_bounds__({ATTEND_THREADS}, {min_blocks})\n"
+    )
+
+
+def attend_source(layout: AttendLayout, backend: str, mma: bool = True, min_blocks: int = 0):
     """(name, header, body, input names, output names) of the attend kernel for ``layout``;
-    with ``mma`` its packed splits run on the tensor cores where :func:`mma_applies`."""
+    with ``mma`` its packed splits run on the tensor cores where :func:`mma_applies`; with
+    ``min_blocks`` (CUDA) the compiler keeps registers low enough for that many
+    threadgroups per SM."""
     use_mma = mma and mma_applies(layout, backend)
     cb_off, key_code, cb_loads, key_cb, value_cb = 0, [], [], [], []
     for i, p in enumerate(layout.keys):
@@ -345,7 +361,10 @@ def attend_source(layout: AttendLayout, backend: str, mma: bool = True):
         + _out_pos(layout)[1]
     )
     header = prelude(backend) + PART_HELPERS + (MMA_HELPERS if backend == "cuda" else "")
+    header += _launch_bounds(backend, min_blocks)
     name = f"tq_kv_attend_{layout.tag()}_{backend}{'_mma' if use_mma else ''}"
+    if backend == "cuda" and min_blocks > 0:
+        name += f"_lb{min_blocks}"  # MLX keeps one compiled module per kernel name
     return (
         name,
         header,

@@ -1,0 +1,85 @@
+"""Packed-KV decode attention per step with the attend kernel compiled for 1-4 threadgroups
+per SM (``__launch_bounds__``, :data:`tq_kernels.attention.ATTEND_MIN_BLOCKS`), SIMT and
+tensor-core packed splits, side by side in one process, fp16 SDPA as the reference point.
+A spill-free register cap that raises occupancy would speed a latency-bound kernel up.
+
+usage: python benchmarks/device/attend_occupancy.py [--contexts 32768,131072]
+           [--settings K4V3,K3V2] [--blocks 0,2,3,4] [--calls 16] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import mlx.core as mx
+import tq_kernels.attention as attention
+from tq_cli.atomic_write import write_text_atomic
+from tq_cli.bench_kernels import time_per_call
+from tq_cli.bench_kv import _tq_cache, parse_settings
+from tq_kvcache.attention import cache_attention
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", default="32768,131072")
+    ap.add_argument("--settings", default="K4V3,K3V2")
+    ap.add_argument("--blocks", default="0,2,3,4")
+    ap.add_argument("--mma", default="0,1")
+    ap.add_argument("--calls", type=int, default=16)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    rows = []
+    for T in (int(x) for x in a.contexts.split(",")):
+        q = mx.random.normal((1, 32, 1, 128)).astype(mx.float16)
+        k = mx.random.normal((1, 8, T, 128)).astype(mx.float16)
+        v = mx.random.normal((1, 8, T, 128)).astype(mx.float16)
+        mx.eval(q, k, v)
+        sec = time_per_call(
+            lambda c, q=q, k=k, v=v: [
+                mx.fast.scaled_dot_product_attention(q, k, v, scale=0.088) for _ in range(c)
+            ],
+            a.calls,
+            3,
+        )
+        fp16 = sec * 1e6
+        rows.append({"context": T, "kind": "fp16", "us_per_call": round(fp16, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+        for s in parse_settings(a.settings):
+            caches = [_tq_cache(k, v, s["knobs"]) for _ in range(2)]
+            ref = None
+            for mma in (x == "1" for x in a.mma.split(",")):
+                for nb in (int(x) for x in a.blocks.split(",")):
+                    attention.MMA_ATTEND, attention.ATTEND_MIN_BLOCKS = mma, nb
+                    out = cache_attention(q, caches[0], 0.088).astype(mx.float32)
+                    mx.eval(out)
+                    ref = out if ref is None else ref
+                    sec = time_per_call(
+                        lambda c, cs=caches, q=q: [
+                            cache_attention(q, cs[i % 2], 0.088) for i in range(c)
+                        ],
+                        a.calls,
+                        3,
+                    )
+                    rel = float(mx.abs(out - ref).max()) / float(mx.abs(ref).max())
+                    row = {
+                        "context": T,
+                        "kind": s["name"],
+                        "mma": mma,
+                        "min_blocks": nb,
+                        "us_per_call": round(sec * 1e6, 1),
+                        "speedup_vs_fp16": round(fp16 / (sec * 1e6), 2),
+                        "max_rel_diff_vs_first": rel,
+                    }
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+            attention.MMA_ATTEND, attention.ATTEND_MIN_BLOCKS = False, 0
+            del caches
+        del k, v
+        mx.clear_cache()
+    if a.json:
+        write_text_atomic(a.json, json.dumps({"benchmark": "attend_occupancy", "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
