@@ -73,7 +73,7 @@ def main():
                     }
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-            attention.MMA_ATTEND, attention.ATTEND_MIN_BLOCKS = False, 0
+            attention.MMA_ATTEND, attention.ATTEND_MIN_BLOCKS = False, -1
             del caches
         del k, v
         mx.clear_cache()

@@ -115,8 +115,18 @@ MMA_ATTEND = os.environ.get("TQ_ATTEND_MMA", "0") == "1"
 
 
 #: Threadgroups per SM the CUDA compiler is asked to fit (``__launch_bounds__``; 0: its own
-#: choice). ``TQ_ATTEND_MIN_BLOCKS=N`` sets it (occupancy experiments, docs/kvcache.md).
-ATTEND_MIN_BLOCKS = int(os.environ.get("TQ_ATTEND_MIN_BLOCKS", "0"))
+#: choice; -1: :func:`_min_blocks`'s). ``TQ_ATTEND_MIN_BLOCKS=N`` sets it.
+ATTEND_MIN_BLOCKS = int(os.environ.get("TQ_ATTEND_MIN_BLOCKS", "-1"))
+
+
+def _min_blocks(layout: AttendLayout) -> int:
+    """Up to 4 query rows the attend kernel is compiled for 4 threadgroups per SM (64
+    registers a thread): on the H100 its own choice (92 registers, 2 per SM, 25% occupancy
+    by Nsight Compute) was 5-12% slower at 32K-128K with K4V3 and K3V2 (docs/kvcache.md).
+    More rows hold more accumulators; they keep the compiler's choice."""
+    if ATTEND_MIN_BLOCKS >= 0:
+        return ATTEND_MIN_BLOCKS
+    return 4 if layout.rows <= 4 else 0
 
 
 @cache
@@ -136,7 +146,7 @@ def _attend(layout: AttendLayout, backend: str, inputs: list, nsplit: int, n_fp:
     outputs and (max, sum) rows."""
     rb, dv = layout.rows, layout.dv
     splits = nsplit + fp_splits(n_fp)
-    return _attend_kernel(layout, backend, MMA_ATTEND, ATTEND_MIN_BLOCKS)(
+    return _attend_kernel(layout, backend, MMA_ATTEND, _min_blocks(layout))(
         inputs=inputs,
         grid=(splits * ATTEND_THREADS, cols, 1),
         threadgroup=(ATTEND_THREADS, 1, 1),
