@@ -170,3 +170,20 @@ def test_launch_bounds_name_their_own_cuda_module():
     assert "__launch_bounds__" not in plain[1] and "__launch_bounds__(256, 3)" in capped[1]
     assert capped[0] == plain[0] + "_lb3" and capped[2] == plain[2]  # MLX caches by name
     assert attend_source(layout, "metal", min_blocks=3)[1] == attend_source(layout, "metal")[1]
+
+
+def test_tensor_core_staging_streams_and_loads():
+    from tq_kernels.attention_mma_tiles import staged_words, staging, streams
+
+    keys, values = LAYOUTS["k4v3"]
+    k4v3 = _layout(keys, values, 4, 128, 128)[0]
+    # Key words then value words, each token row padded to an odd stride (w + 1).
+    assert streams(k4v3) == [("k0_idx", 16, 0), ("v0_idx", 12, 16 * 17)]
+    assert staged_words(k4v3) == 16 * 17 + 16 * 13
+    load, store = staging(k4v3)
+    assert load.count("reinterpret_cast<const uint4*>") == 2 + 2  # 64 and 48 chunks
+    # A 3-bit 64-wide part has 6 words a token: no 16-byte alignment, word loads instead.
+    keys, values = LAYOUTS["k3.5v2.5"]
+    mixed = _layout(keys, values, 4, 128, 128)[0]
+    load, _ = staging(mixed)
+    assert "k1_idx[rb1 + c]" in load and "reinterpret_cast<const uint4*>(k0_idx" in load

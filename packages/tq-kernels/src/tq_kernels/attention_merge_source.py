@@ -186,9 +186,8 @@ def finish_source(layout: AttendLayout, backend: str):
             f"      out_sh[{chan}] = {norm!r}f * v{j}_signs[j] * rot_sh[d];",
             "    }",
         ]
-    body = (
-        _FINISH_BODY.replace("VALUE_FWHT", "\n".join(butterflies))
-        .replace("UNROTATE", "\n".join(unrot))
+    body = _FINISH_BODY.replace("VALUE_FWHT", "\n".join(butterflies)).replace(
+        "UNROTATE", "\n".join(unrot)
     )
     consts = (
         f"  const int DV = {layout.dv};\n  const int NTF = {ATTEND_THREADS};\n"

@@ -3,8 +3,10 @@ accumulate): scores and value sums as warp matrix products over codes dequantize
 
 The SIMT body (:mod:`tq_kernels.attention_source`) spends most of its instructions on
 codebook lookups and one fused multiply-add per (token, coordinate, query row), twice (keys
-and values), which bounds it by instruction issue at long context. Here each warp takes 16
-tokens at a time and the matrix units do the multiply-adds:
+and values). Here each warp takes 16 tokens at a time and the matrix units do the
+multiply-adds. It is correct but measured slower than the SIMT body on the H100 (that one
+is latency-bound at low occupancy, not issue-bound: docs/kvcache.md), so it runs only when
+:data:`tq_kernels.attention.MMA_ATTEND` is set:
 
 - keys: the 16 tokens' codes of a 32-channel block are dequantized into a per-warp fp16
   tile (a pair table gives two channels per lookup), then ``S[16 x 8] += K[16 x 16] Q^T``
@@ -24,84 +26,22 @@ split writes the same ``o`` / ``ml`` as the SIMT path, so the merge kernels are 
 from __future__ import annotations
 
 from .attention_layout import ATTEND_THREADS, AttendLayout
+from .attention_mma_tiles import (
+    TILE_STRIDE,
+    lut_offsets,
+    staged_words,
+    staging,
+    staging_regs,
+    streams,
+    tile_products,
+)
 
-__all__ = ["MMA_HELPERS", "mma_applies", "mma_packed_code", "mma_shared_bytes", "MMA_MAX_BITS"]
+__all__ = ["mma_applies", "mma_packed_code", "mma_shared_bytes", "MMA_MAX_BITS"]
 
 #: Code widths the pair tables serve (a 4-bit pair table has 256 entries).
 MMA_MAX_BITS = 4
 #: Static shared memory CUDA allows a kernel.
 _CUDA_SHARED = 48 * 1024
-_TILE_STRIDE = 40  # halves per token row of a 32-channel tile: 80 bytes, conflict-free rows
-
-MMA_HELPERS = r"""
-// Tensor-core helpers (CUDA sm_80+). The host-side branch only lets the kernel text be
-// syntax-checked by a C++ compiler (tests/test_kernel_text.py); it never runs.
-TQ_INLINE unsigned tq_smem(const void* p) {
-#if defined(__CUDA_ARCH__)
-  unsigned a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-  return a;
-#else
-  return (unsigned)(size_t)p;
-#endif
-}
-TQ_INLINE void tq_ldsm_x4(unsigned* a, unsigned addr) {
-#if defined(__CUDA_ARCH__)
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3]) : "r"(addr) : "memory");
-#else
-  a[0] = a[1] = a[2] = a[3] = addr;
-#endif
-}
-TQ_INLINE void tq_ldsm_x4_t(unsigned* a, unsigned addr) {
-#if defined(__CUDA_ARCH__)
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3]) : "r"(addr) : "memory");
-#else
-  a[0] = a[1] = a[2] = a[3] = addr;
-#endif
-}
-// c[16 x 8] += a[16 x 16] b[16 x 8], fp16 inputs, fp32 accumulators (PTX fragment layout).
-TQ_INLINE void tq_mma16816(float* c, const unsigned* a, const unsigned* b) {
-#if defined(__CUDA_ARCH__)
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#else
-  c[0] += (float)(a[0] + b[0]);
-#endif
-}
-// Two floats as a float16 pair (x in the low half), and x's float16 rounding as a float.
-TQ_INLINE unsigned tq_h2(float x, float y) {
-#if defined(__CUDA_ARCH__)
-  const __half2 h = __floats2half2_rn(x, y);
-  return *reinterpret_cast<const unsigned*>(&h);
-#else
-  return (unsigned)(x + y);
-#endif
-}
-TQ_INLINE float tq_hround(float x) {
-#if defined(__CUDA_ARCH__)
-  return __half2float(__float2half_rn(x));
-#else
-  return x;
-#endif
-}
-TQ_INLINE unsigned tq_funnel(unsigned lo, unsigned hi, int s) {
-#if defined(__CUDA_ARCH__)
-  return __funnelshift_r(lo, hi, s);
-#else
-  return s ? (lo >> s) | (hi << (32 - s)) : lo;
-#endif
-}
-TQ_INLINE void tq_syncwarp() {
-#if defined(__CUDA_ARCH__)
-  __syncwarp();
-#endif
-}
-"""
 
 
 def mma_applies(layout: AttendLayout, backend: str) -> bool:
@@ -112,153 +52,35 @@ def mma_applies(layout: AttendLayout, backend: str) -> bool:
     parts = (*layout.keys, *layout.values)
     if any(getattr(p, "prod", False) or not 1 <= p.bits <= MMA_MAX_BITS for p in parts):
         return False
+    # attention_source builds its text from this module: import its budget here, not above.
     from .attention_source import shared_bytes
 
     return shared_bytes(layout, False) + mma_shared_bytes(layout) <= _CUDA_SHARED
 
 
-def _lut_offsets(layout: AttendLayout) -> tuple[list[int], list[int], int]:
-    """Offsets of each key part's and value part's pair table, and their total size."""
-    off, keys, values = 0, [], []
-    for p in layout.keys:
-        keys.append(off)
-        off += 1 << (2 * p.bits)
-    for p in layout.values:
-        values.append(off)
-        off += 1 << (2 * p.bits)
-    return keys, values, off
-
-
 def mma_shared_bytes(layout: AttendLayout) -> int:
-    """Threadgroup memory the tensor-core path adds: pair tables, a 16-token fp16 tile, a
-    probability transpose and the (max, sum) of every warp."""
+    """Threadgroup memory the tensor-core path adds: pair tables, and per warp a 16-token
+    fp16 tile, a probability transpose, its (max, sum) rows and its staged code words."""
     warps = ATTEND_THREADS // 32
-    lut = _lut_offsets(layout)[2] * 4
-    staged = sum(16 * (w + 1) for _, w, _ in _streams(layout)) * 4
-    return lut + warps * (16 * _TILE_STRIDE * 2 + 16 * 8 * 4 + 8 * 2 * 4 + staged)
-
-
-def _dequant(words: int, stride: int, bits: int, blk: int, lut: int) -> str:
-    """Dequantize channels ``32*blk .. 32*blk+31`` of the warp's 16 tokens into the warp's
-    fp16 tile (token rows of 40 halves), from their words staged at ``mma_w`` offset
-    ``words`` (:func:`_staging`): lane takes (token, 8-channel group) units ``lane`` and
-    ``lane + 32``, one 8*bits-bit window each, four pair lookups, one 16-byte store."""
-    mask = (1 << (2 * bits)) - 1
-    return f"""
-        for (int uu = lane; uu < 64; uu += 32) {{
-          const int tk = uu >> 2;
-          const int u = uu & 3;
-          const int bit = {blk * 32 * bits} + u * {8 * bits};
-          const TQ_TGPTR tq_uint* row = wsh + {words} + tk * {stride};
-          const tq_uint lo = row[bit >> 5];
-          const tq_uint hi = ((bit & 31) + {8 * bits} > 32) ? row[(bit >> 5) + 1] : 0u;
-          const tq_uint w = tq_funnel(lo, hi, bit & 31);
-          uint4 hv;
-          hv.x = mma_lut[{lut} + (w & {mask}u)];
-          hv.y = mma_lut[{lut} + ((w >> {2 * bits}) & {mask}u)];
-          hv.z = mma_lut[{lut} + ((w >> {4 * bits}) & {mask}u)];
-          hv.w = mma_lut[{lut} + ((w >> {6 * bits}) & {mask}u)];
-          tile4[tk * {_TILE_STRIDE // 8} + u] = hv;
-        }}
-        tq_syncwarp();"""
-
-
-def _streams(layout: AttendLayout) -> list[tuple[str, int, int]]:
-    """(input, words per token, offset in a warp's staging area) of every packed stream a
-    step reads: key parts, then value parts; each token row padded to an odd stride."""
-    out, off = [], 0
-    for name, parts in (("k", layout.keys), ("v", layout.values)):
-        for i, p in enumerate(parts):
-            w = p.width // 32 * p.bits
-            out.append((f"{name}{i}_idx", w, off))
-            off += 16 * (w + 1)
-    return out
-
-
-def _staging(layout: AttendLayout) -> tuple[str, str]:
-    """(load, store) text of a step's code words: ``load`` issues the 16 tokens' rows of
-    every stream at token ``tq_ld`` into registers (16-byte loads where a row allows;
-    consecutive tokens' rows are contiguous), ``store`` puts them in the warp's staging
-    area. The loop issues the next step's loads before computing the current one, so one
-    memory round trip per step is hidden behind the arithmetic."""
-    load, store = [], []
-    for n, (src, w, off) in enumerate(_streams(layout)):
-        vec = 4 if w % 4 == 0 else 1
-        chunks = 16 * w // vec
-        for r in range(-(-chunks // 32)):
-            reg = f"st{n}_{r}"
-            cond = f"c < {chunks} && c * {vec} < nv * {w}"
-            fetch = (
-                f"*reinterpret_cast<const uint4*>({src} + rb{n} + c * 4)"
-                if vec == 4
-                else f"{src}[rb{n} + c]"
-            )
-            load += [
-                "      {",
-                f"        const int c = lane + {32 * r};",
-                f"        if ({cond}) {reg} = {fetch};",
-                "      }",
-            ]
-            comps = ("x", "y", "z", "w") if vec == 4 else ("",)
-            store += [
-                "      {",
-                f"        const int c = lane + {32 * r};",
-                f"        if (c < {chunks}) {{",
-            ]
-            for e, comp in enumerate(comps):
-                val = f"{reg}.{comp}" if comp else reg
-                store += [
-                    f"          const int i{e} = c * {vec} + {e};",
-                    f"          const int t{e} = i{e} / {w};",
-                    f"          wsh[{off} + t{e} * {w + 1} + i{e} - t{e} * {w}] = {val};",
-                ]
-            store += ["        }", "      }"]
-    heads = [
-        f"      const size_t rb{n} = TQ_AT({src}, tq_ld);"
-        for n, (src, _, _) in enumerate(_streams(layout))
-    ]
-    load = ["      const int nv = min(16, end - tq_ld);", *heads, *load]
-    return "\n".join(load), "\n".join(store)
-
-
-def _staging_regs(layout: AttendLayout) -> str:
-    out = []
-    for n, (_, w, _) in enumerate(_streams(layout)):
-        vec = 4 if w % 4 == 0 else 1
-        for r in range(-(-(16 * w // vec) // 32)):
-            zero = "make_uint4(0u, 0u, 0u, 0u)" if vec == 4 else "0u"
-            out.append(f"    {'uint4' if vec == 4 else 'tq_uint'} st{n}_{r} = {zero};")
-    return "\n".join(out)
-
-
-def _tile_products(stream: tuple, part, lut: int, products) -> list[str]:
-    """A part's 32-channel blocks in turn: dequantize the block into the warp's tile, then
-    ``products(c)`` (the matrix products of the part's 16-channel column ``c``, two per
-    block) read it; the tile is free again after the last."""
-    _, w, off = stream
-    lines = []
-    for blk in range(part.width // 32):
-        lines.append(_dequant(off, w + 1, part.bits, blk, lut))
-        for c in (2 * blk, 2 * blk + 1):
-            lines += ["        {", "          unsigned a[4];", *products(c), "        }"]
-        lines.append("        tq_syncwarp();")
-    return lines
+    lut = lut_offsets(layout)[2] * 4
+    staged = staged_words(layout) * 4
+    return lut + warps * (16 * TILE_STRIDE * 2 + 16 * 8 * 4 + 8 * 2 * 4 + staged)
 
 
 def mma_packed_code(layout: AttendLayout, key_cb: list[int], value_cb: list[int]) -> str:
     """The packed-split branch of the attend body (returns after writing its split);
     ``key_cb`` / ``value_cb``: each part's codebook offset in ``cb_sh``."""
-    klut, vlut, nlut = _lut_offsets(layout)
-    streams = _streams(layout)
-    staged = sum(16 * (w + 1) for _, w, _ in streams)
-    load, store = _staging(layout)
+    klut, vlut, nlut = lut_offsets(layout)
+    words = streams(layout)
+    staged = staged_words(layout)
+    load, store = staging(layout)
     ks = layout.dq // 16
     dv16 = layout.dv // 16
     lines = [
         "  if (!fp) {",
         "    // Tensor-core packed split (attention_mma_source).",
         f"    TQ_SHARED tq_uint mma_lut[{nlut}];",
-        f"    TQ_SHARED uint4 mma_tile[NWARPS * {16 * _TILE_STRIDE // 8}];",
+        f"    TQ_SHARED uint4 mma_tile[NWARPS * {16 * TILE_STRIDE // 8}];",
         "    TQ_SHARED float mma_p[NWARPS * 128];",
         "    TQ_SHARED float mma_ml[NWARPS * 16];",
         f"    TQ_SHARED tq_uint mma_w[NWARPS * {staged}];",
@@ -274,7 +96,7 @@ def mma_packed_code(layout: AttendLayout, key_cb: list[int], value_cb: list[int]
         "    TQ_BARRIER();",
         "    const int g = lane >> 2;",
         "    const int t4 = lane & 3;",
-        "    TQ_TGPTR uint4* tile4 = mma_tile + warp * " + str(16 * _TILE_STRIDE // 8) + ";",
+        "    TQ_TGPTR uint4* tile4 = mma_tile + warp * " + str(16 * TILE_STRIDE // 8) + ";",
         "    const unsigned tile_s = tq_smem(tile4);",
         "    TQ_TGPTR float* ps = mma_p + warp * 128;",
         "    // Query rows as the n side of S = K Q^T: thread (g, t4) holds row g, channels",
@@ -303,12 +125,12 @@ def mma_packed_code(layout: AttendLayout, key_cb: list[int], value_cb: list[int]
         "      acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;",
         "    // ldmatrix row addresses: keys as A (tokens x channels), values transposed.",
         "    const int mi = lane >> 3;",
-        f"    const unsigned ka = tile_s + (((lane & 7) + 8 * (mi & 1)) * {_TILE_STRIDE} + "
+        f"    const unsigned ka = tile_s + (((lane & 7) + 8 * (mi & 1)) * {TILE_STRIDE} + "
         "8 * (mi >> 1)) * 2;",
-        f"    const unsigned va = tile_s + (((lane & 7) + 8 * (mi >> 1)) * {_TILE_STRIDE} + "
+        f"    const unsigned va = tile_s + (((lane & 7) + 8 * (mi >> 1)) * {TILE_STRIDE} + "
         "8 * (mi & 1)) * 2;",
         f"    TQ_TGPTR tq_uint* wsh = mma_w + warp * {staged};",
-        _staging_regs(layout),
+        staging_regs(layout),
         "    if (begin + warp * 16 < end) {",
         "      const int tq_ld = begin + warp * 16;",
         load,
@@ -329,8 +151,8 @@ def mma_packed_code(layout: AttendLayout, key_cb: list[int], value_cb: list[int]
             f"      {{  // key part {i}: width {p.width}, {p.bits} bits",
             "        float ci[4] = {0.0f, 0.0f, 0.0f, 0.0f};",
         ]
-        lines += _tile_products(
-            streams[i],
+        lines += tile_products(
+            words[i],
             p,
             klut[i],
             lambda c, q0=p.qoff // 16: (
@@ -393,8 +215,8 @@ def mma_packed_code(layout: AttendLayout, key_cb: list[int], value_cb: list[int]
             f"        pb[1] = tq_h2(v8 < end ? pt2 * tq_float({norm}[TQ_AT({norm}, v8)]) : 0.0f,",
             f"                      v9 < end ? pt3 * tq_float({norm}[TQ_AT({norm}, v9)]) : 0.0f);",
         ]
-        lines += _tile_products(
-            streams[len(layout.keys) + j],
+        lines += tile_products(
+            words[len(layout.keys) + j],
             p,
             vlut[j],
             lambda c, m0=p.off // 16: (

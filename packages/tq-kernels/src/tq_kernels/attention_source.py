@@ -29,7 +29,7 @@ from .attention_layout import (
     AttendLayout,
     value_positions,
 )
-from .attention_mma_source import MMA_HELPERS, mma_applies, mma_packed_code
+from .attention_mma_source import mma_applies, mma_packed_code
 from .attention_part_source import (
     PART_HELPERS,
     key_part_code,
@@ -38,6 +38,7 @@ from .attention_part_source import (
     value_words,
 )
 from .attention_rotation_source import q_load_prepared, q_load_raw
+from .mma_prelude import MMA_HELPERS
 from .prelude import prelude, thread_ids
 
 __all__ = ["attend_source", "prefetches_values", "shared_bytes", "SHARED_BUDGET"]
