@@ -6,8 +6,10 @@ usage: python benchmarks/device/probe_sdpa.py [--contexts 32768,131072] [--copie
            [--setting K4V3] [--via-bench] [--json F]
 
 With --via-bench each context is also timed by `tq bench kv`'s own `_context_rows` in the
-same process: on the H100 (MLX 0.32.4) its fp16 row at 128K read 650 us where this probe,
-and a plain loop run right after it, read 200 us (docs/kvcache.md); the cause is open.
+same process: on the H100 (MLX 0.32.4) its fp16 row at 128K read 650 us where this probe
+read 200 us. The cause, found with benchmarks/device/bisect_sdpa.py: the bench evaluated
+its keys and values a second time, which makes MLX's SDPA over them 3.3x slower; it now
+evaluates them once and the two agree (docs/kvcache.md).
 """
 
 from __future__ import annotations

@@ -187,3 +187,14 @@ def test_tensor_core_staging_streams_and_loads():
     mixed = _layout(keys, values, 4, 128, 128)[0]
     load, _ = staging(mixed)
     assert "k1_idx[rb1 + c]" in load and "reinterpret_cast<const uint4*>(k0_idx" in load
+
+
+def test_bad_min_blocks_setting_is_refused(monkeypatch):
+    from tq_kernels.attention import _env_min_blocks
+
+    for bad in ("four", "9", "-3"):
+        monkeypatch.setenv("TQ_ATTEND_MIN_BLOCKS", bad)
+        with pytest.raises(ValueError, match="TQ_ATTEND_MIN_BLOCKS"):
+            _env_min_blocks()
+    monkeypatch.setenv("TQ_ATTEND_MIN_BLOCKS", "3")
+    assert _env_min_blocks() == 3

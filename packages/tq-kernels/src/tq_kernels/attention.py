@@ -116,7 +116,20 @@ MMA_ATTEND = os.environ.get("TQ_ATTEND_MMA", "0") == "1"
 
 #: Threadgroups per SM the CUDA compiler is asked to fit (``__launch_bounds__``; 0: its own
 #: choice; -1: :func:`_min_blocks`'s). ``TQ_ATTEND_MIN_BLOCKS=N`` sets it.
-ATTEND_MIN_BLOCKS = int(os.environ.get("TQ_ATTEND_MIN_BLOCKS", "-1"))
+def _env_min_blocks() -> int:
+    text = os.environ.get("TQ_ATTEND_MIN_BLOCKS", "-1")
+    try:
+        value = int(text)
+    except ValueError:
+        value = -2
+    if not -1 <= value <= 8:
+        raise ValueError(
+            f"TQ_ATTEND_MIN_BLOCKS must be an integer from 0 to 8 (or -1: automatic), got {text!r}"
+        )
+    return value
+
+
+ATTEND_MIN_BLOCKS = _env_min_blocks()
 
 
 def _min_blocks(layout: AttendLayout) -> int:
