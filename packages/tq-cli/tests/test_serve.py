@@ -205,6 +205,37 @@ def test_client_that_disconnects_mid_stream(server):
     assert call(server, "GET", "/health")[0] == 200
 
 
+def test_client_gone_before_the_answer_is_one_log_line(server, monkeypatch, capfd):
+    """A peer that hangs up before a GET is answered (seen once in CI as a BrokenPipeError
+    traceback from a /health probe) is logged in one line and the server goes on."""
+    import logging
+
+    from mlx_lm.server import APIHandler
+
+    def gone(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(APIHandler, "handle_health_check", gone)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("tq.serve")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(4096) == b""  # closed without an answer
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    monkeypatch.undo()
+    assert call(server, "GET", "/health")[0] == 200
+    assert any("disconnected" in r.getMessage() for r in records)
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_concurrent_requests_and_the_prompt_cache_cap(server):
     results = [None] * 12
 

@@ -39,6 +39,15 @@ def served_handler_class():
             self.limits = limits
             super().__init__(response_generator, *args, **kw)
 
+        def handle_one_request(self):
+            # A client that hangs up before its answer is written (a health probe, an
+            # aborted request) is logged in one line, not as a traceback from socketserver.
+            try:
+                super().handle_one_request()
+            except (BrokenPipeError, ConnectionResetError) as e:
+                log.info("client %s disconnected: %s", self.address_string(), e)
+                self.close_connection = True
+
         def log_message(self, format, *args):  # noqa: A002 - the stdlib's signature
             log.info("%s %s", self.address_string(), format % args)
 
