@@ -26,6 +26,7 @@ def main():
     ap.add_argument("--settings", default="K4V3,K3V2")
     ap.add_argument("--blocks", default="0,2,3,4")
     ap.add_argument("--mma", default="0,1")
+    ap.add_argument("--groups", default="528,264", help="split targets (threadgroups) to try")
     ap.add_argument("--calls", type=int, default=16)
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -48,9 +49,16 @@ def main():
         for s in parse_settings(a.settings):
             caches = [_tq_cache(k, v, s["knobs"]) for _ in range(2)]
             ref = None
-            for mma in (x == "1" for x in a.mma.split(",")):
-                for nb in (int(x) for x in a.blocks.split(",")):
+            combos = [
+                (mma == "1", int(nb), int(gr))
+                for mma in a.mma.split(",")
+                for nb in a.blocks.split(",")
+                for gr in a.groups.split(",")
+            ]
+            if True:
+                for mma, nb, groups in combos:
                     attention.MMA_ATTEND, attention.ATTEND_MIN_BLOCKS = mma, nb
+                    attention._TARGET_GROUPS = attention._MMA_TARGET_GROUPS = groups
                     out = cache_attention(q, caches[0], 0.088).astype(mx.float32)
                     mx.eval(out)
                     ref = out if ref is None else ref
@@ -67,6 +75,7 @@ def main():
                         "kind": s["name"],
                         "mma": mma,
                         "min_blocks": nb,
+                        "groups": groups,
                         "us_per_call": round(sec * 1e6, 1),
                         "speedup_vs_fp16": round(fp16 / (sec * 1e6), 2),
                         "max_rel_diff_vs_first": rel,

@@ -67,12 +67,12 @@ def test_tensor_core_path_applies_to_mse_layouts_on_cuda_only():
     assert mma_applies(k4v3, "cuda") and not mma_applies(k4v3, "metal")
     assert mma_applies(layout(*LAYOUTS["k3.5v2.5"]), "cuda")  # two parts each side
     assert not mma_applies(layout(*LAYOUTS["k3v2-prod"]), "cuda")  # QJL keys
-    assert not mma_applies(layout(*LAYOUTS["k4v3"], rows=16), "cuda")  # n side is 8 rows
+    assert not mma_applies(layout(*LAYOUTS["k4v3"], rows=8), "cuda")  # hi|lo fill 8 columns
     k8 = ((KeyPart(128, 8),), (ValuePart(128, 3, None, None, None),))
     assert not mma_applies(layout(*k8), "cuda")  # no 8-bit pair table
     body = attend_source(k4v3, "cuda")[2]
-    assert body.count("tq_ldsm_x4(") == 8 and body.count("tq_ldsm_x4_t(") == 8
-    assert body.count("tq_mma16816(") == 8 * 2 + 8  # keys: hi and lo query halves
+    # One product per 16 channels on each side; operands from registers, no staged tiles.
+    assert body.count("tq_mma16816(") == 8 + 8 and "ldmatrix" not in body
 
 
 def test_combine_source_for_both_backends():
@@ -172,21 +172,26 @@ def test_launch_bounds_name_their_own_cuda_module():
     assert attend_source(layout, "metal", min_blocks=3)[1] == attend_source(layout, "metal")[1]
 
 
-def test_tensor_core_staging_streams_and_loads():
-    from tq_kernels.attention_mma_tiles import staged_words, staging, streams
+def test_tensor_core_fragment_windows_and_tables():
+    from tq_kernels.attention_mma_fragments import field, lut_plan, window_load, window_shift
 
+    # A field inside one word, and one that straddles two (funnel shift).
+    assert field("x", 6, 6) == "((x[0] >> 6) & 63u)"
+    assert field("x", 30, 6) == "(tq_funnel(x[0], x[1], 30) & 63u)"
+    # 16-byte loads where every window starts on a word boundary and the stream allows.
+    k4 = "\n".join(window_load("w", "k0_idx", "t", "t < end", "t4 * 128", 128, 16))
+    assert "uint4" in k4 and "tq_funnel" not in k4
+    # 3-bit values of a 128-wide part: 48-bit windows, words touched, then shifted.
+    v3 = "\n".join(window_load("w", "v0_idx", "t", "t < end", "g * 48", 48, 12))
+    assert "uint" not in v3.replace("tq_uint", "") and "<= last" in v3
+    assert window_shift("x", "w", "g * 48", 48)[1] == "x"
+    assert window_shift("x", "w", "t4 * 128", 128) == ([], "w")
     keys, values = LAYOUTS["k4v3"]
     k4v3 = _layout(keys, values, 4, 128, 128)[0]
-    # Key words then value words, each token row padded to an odd stride (w + 1).
-    assert streams(k4v3) == [("k0_idx", 16, 0), ("v0_idx", 12, 16 * 17)]
-    assert staged_words(k4v3) == 16 * 17 + 16 * 13
-    load, store = staging(k4v3)
-    assert load.count("reinterpret_cast<const uint4*>") == 2 + 2  # 64 and 48 chunks
-    # A 3-bit 64-wide part has 6 words a token: no 16-byte alignment, word loads instead.
-    keys, values = LAYOUTS["k3.5v2.5"]
-    mixed = _layout(keys, values, 4, 128, 128)[0]
-    load, _ = staging(mixed)
-    assert "k1_idx[rb1 + c]" in load and "reinterpret_cast<const uint4*>(k0_idx" in load
+    [(koff, kc)], [(voff, vc)], total = lut_plan(k4v3, 10**6)
+    assert (kc, vc) == (8, 32) and voff == 256 * 8 and total == 256 * 8 + 64 * 32
+    small = lut_plan(k4v3, 1024)  # halved together until the tables fit
+    assert small[2] <= 1024 and small[0][0][1] < 8
 
 
 def test_bad_min_blocks_setting_is_refused(monkeypatch):

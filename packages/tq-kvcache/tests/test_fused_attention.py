@@ -129,13 +129,14 @@ def test_decode_through_the_cache_matches_reference():
 
 
 @gpu
-@pytest.mark.parametrize("case", [0, 4, 7, 8, 10])
-def test_tensor_core_packed_splits_match_reference(case, monkeypatch):
-    """The opt-in tensor-core packed splits (CUDA) against the reference; layouts where they
-    do not apply (16 query rows) run the SIMT body and must agree as well."""
+@pytest.mark.parametrize("mma", [True, False])
+@pytest.mark.parametrize("case", [0, 1, 2, 4, 7, 8, 10, 12])
+def test_both_packed_split_paths_match_reference(case, mma, monkeypatch):
+    """The tensor-core packed splits (CUDA's default where they apply) and the SIMT body
+    (Metal's, and CUDA's for 16 query rows or ``TQ_ATTEND_MMA=0``) against the reference."""
     import tq_kernels.attention as attention
 
-    monkeypatch.setattr(attention, "MMA_ATTEND", True)
+    monkeypatch.setattr(attention, "MMA_ATTEND", mma)
     b, hq, h, d, n, extra, L, knobs = CASES[case]
     cache = _filled_cache(b, h, d, n, extra=extra, **knobs)
     q = mx.random.normal((b, hq, L, d)).astype(mx.float16)
@@ -145,3 +146,11 @@ def test_tensor_core_packed_splits_match_reference(case, monkeypatch):
     want = reference_cache_attention(q, cache, d**-0.5, mask)
     scale = max(float(mx.abs(want.astype(mx.float32)).max()), 1e-6)
     assert float(mx.abs(got.astype(mx.float32) - want.astype(mx.float32)).max()) / scale < 5e-3
+
+
+@gpu
+def test_simt_packed_splits_sinks_extreme_scores_and_non_finite(monkeypatch):
+    import tq_kernels.attention as attention
+
+    monkeypatch.setattr(attention, "MMA_ATTEND", False)
+    test_sinks_extreme_scores_and_non_finite()

@@ -22,6 +22,7 @@ from .attention_layout import (
     ValuePartLayout,
 )
 from .attention_merge_source import combine_source, finish_source
+from .attention_mma_source import mma_applies
 from .attention_source import attend_source
 from .backend import kernel_backend
 from .minify import minify
@@ -43,6 +44,10 @@ MAX_ATTEND_ROWS = ROW_BUCKETS[-1]
 #: Threadgroups to aim for over the whole GPU (H100: 132 SMs, 4 per SM): fewer leave SMs
 #: idle on short contexts, more only add partial results to merge.
 _TARGET_GROUPS = 528
+#: The same for the tensor-core packed splits (2 threadgroups per SM): each split pays for
+#: its pair tables and query fragments, and on the H100 264 splits beat 528 by 13-24% at
+#: 32K-128K (docs/kvcache.md).
+_MMA_TARGET_GROUPS = 264
 _COMBINE_THREADS = 256
 
 
@@ -85,10 +90,11 @@ def _row_bucket(rows: int) -> int:
     raise ValueError(f"packed attention takes at most {MAX_ATTEND_ROWS} query rows, got {rows}")
 
 
-def split_plan(n_packed: int, heads: int) -> tuple[int, int]:
+def split_plan(n_packed: int, heads: int, groups: int | None = None) -> tuple[int, int]:
     """(tokens per split, number of splits) for ``n_packed`` tokens over ``heads`` (batch x
-    KV heads) threadgroup columns: whole tiles, enough splits to fill the GPU."""
-    want = max(1, _TARGET_GROUPS // max(1, heads))
+    KV heads) threadgroup columns: whole tiles, enough splits to fill the GPU (``groups``
+    threadgroups in all, :data:`_TARGET_GROUPS` by default)."""
+    want = max(1, (groups or _TARGET_GROUPS) // max(1, heads))
     chunk = -(-n_packed // want)
     chunk = max(ATTEND_THREADS, -(-chunk // ATTEND_THREADS) * ATTEND_THREADS)
     return chunk, -(-n_packed // chunk)
@@ -108,10 +114,19 @@ def _compiled(source: tuple, backend: str, row_contiguous: bool):
     )
 
 
-#: Packed splits on the tensor cores where the layout allows (CUDA; attention_mma_source):
-#: off by default, because on the H100 it measured slower than the SIMT body (1.2-1.5x the
-#: time at 4K-128K, docs/kvcache.md); ``TQ_ATTEND_MMA=1`` or setting this True turns it on.
-MMA_ATTEND = os.environ.get("TQ_ATTEND_MMA", "0") == "1"
+#: Packed splits on the tensor cores where the layout allows (CUDA, at most 4 query rows;
+#: attention_mma_source): on by default, the H100 measured them 1.2-1.5x faster than the
+#: SIMT body at 32K-128K (docs/kvcache.md). ``TQ_ATTEND_MMA=0`` or setting this False
+#: keeps every split on the SIMT body.
+MMA_ATTEND = os.environ.get("TQ_ATTEND_MMA", "1") != "0"
+
+
+def _uses_mma(layout: AttendLayout, backend: str) -> bool:
+    return MMA_ATTEND and mma_applies(layout, backend)
+
+
+def _split_groups(layout: AttendLayout, backend: str) -> int:
+    return _MMA_TARGET_GROUPS if _uses_mma(layout, backend) else _TARGET_GROUPS
 
 
 #: Threadgroups per SM the CUDA compiler is asked to fit (``__launch_bounds__``; 0: its own
@@ -132,14 +147,17 @@ def _env_min_blocks() -> int:
 ATTEND_MIN_BLOCKS = _env_min_blocks()
 
 
-def _min_blocks(layout: AttendLayout) -> int:
-    """Up to 4 query rows the attend kernel is compiled for 4 threadgroups per SM (64
+def _min_blocks(layout: AttendLayout, mma: bool = False) -> int:
+    """Up to 4 query rows the SIMT attend kernel is compiled for 4 threadgroups per SM (64
     registers a thread): on the H100 its own choice (92 registers, 2 per SM, 25% occupancy
     by Nsight Compute) was 5-12% slower at 32K-128K with K4V3 and K3V2 (docs/kvcache.md).
+    The tensor-core packed splits hold their operands in registers: 2 per SM (128).
     More rows hold more accumulators; they keep the compiler's choice."""
     if ATTEND_MIN_BLOCKS >= 0:
         return ATTEND_MIN_BLOCKS
-    return 4 if layout.rows <= 4 else 0
+    if layout.rows > 4:
+        return 0
+    return 2 if mma else 4
 
 
 @cache
@@ -159,7 +177,8 @@ def _attend(layout: AttendLayout, backend: str, inputs: list, nsplit: int, n_fp:
     outputs and (max, sum) rows."""
     rb, dv = layout.rows, layout.dv
     splits = nsplit + fp_splits(n_fp)
-    return _attend_kernel(layout, backend, MMA_ATTEND, _min_blocks(layout))(
+    mma = _uses_mma(layout, backend)
+    return _attend_kernel(layout, backend, mma, _min_blocks(layout, mma))(
         inputs=inputs,
         grid=(splits * ATTEND_THREADS, cols, 1),
         threadgroup=(ATTEND_THREADS, 1, 1),
@@ -306,7 +325,7 @@ def raw_kv_attention(
     dv = sum(p.width for p in values)
     if layout is None:
         layout = raw_layout(keys, values, queries.shape, kperm is not None, vperm is not None)
-    chunk, nsplit = split_plan(n_packed, b * h)
+    chunk, nsplit = split_plan(n_packed, b * h, _split_groups(layout, backend))
     sink_k, sink_v, tail_k, tail_v, n_sink, n_tail = _fp_inputs(fp_segments, b, h, dk, dv)
     counts = _constant(
         counts_values(chunk, n_sink, n_tail, L, causal, rows, h, sinks is not None), mx.int32
@@ -374,7 +393,7 @@ def packed_kv_attention(
         q, qf = mx.pad(q, pad), mx.pad(qf, pad)
     probe = keys[0].idx if keys[0].bits else keys[0].sgn
     n_packed = probe.shape[2]
-    chunk, nsplit = split_plan(n_packed, b * h)
+    chunk, nsplit = split_plan(n_packed, b * h, _split_groups(layout, backend))
 
     sink_k, sink_v, tail_k, tail_v, n_sink, n_tail = _fp_inputs(fp_segments, b, h, dk, dv)
     counts = _constant(counts_values(chunk, n_sink, n_tail, queries_per_head, causal), mx.int32)

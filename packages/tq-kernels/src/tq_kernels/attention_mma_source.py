@@ -1,241 +1,248 @@
-"""Tensor-core text of the attend kernel's packed splits (CUDA ``mma.sync``, fp16 in, fp32
-accumulate): scores and value sums as warp matrix products over codes dequantized to fp16.
+"""Tensor-core text of the attend kernel's packed splits (CUDA ``mma.sync`` m16n8k16, fp16 in,
+fp32 accumulate): scores and value sums as warp matrix products, operands built in registers.
 
-The SIMT body (:mod:`tq_kernels.attention_source`) spends most of its instructions on
-codebook lookups and one fused multiply-add per (token, coordinate, query row), twice (keys
-and values). Here each warp takes 16 tokens at a time and the matrix units do the
-multiply-adds. It is correct but measured slower than the SIMT body on the H100 (that one
-is latency-bound at low occupancy, not issue-bound: docs/kvcache.md), so it runs only when
-:data:`tq_kernels.attention.MMA_ATTEND` is set:
+Nsight Compute showed the SIMT body issue-bound on the H100 (115 M warp instructions for one
+128K-token K4V3 step: codebook lookups, bit extraction, and one FMA per token, channel and
+query row, twice). Here each warp takes 16 tokens a step and the matrix units do the FMAs:
 
-- keys: the 16 tokens' codes of a 32-channel block are dequantized into a per-warp fp16
-  tile (a pair table gives two channels per lookup), then ``S[16 x 8] += K[16 x 16] Q^T``
-  (m16n8k16) per 16 channels, the query rows as the n side (up to 8 rows) held in
-  registers as a float16 pair ``hi + lo`` so the query loses no precision;
-- softmax: online, per warp, for the rows each thread's fragment holds (2 of them);
-- values: ``O^T[16 x 8] += V^T[16 x 16] P^T`` per 16 channels, the tile read transposed
-  (``ldmatrix.trans``), the probabilities times each token's value norm as fp16.
+- keys: ``S[16 x 8] += K[16 x 16] Q^T`` per 16 channels. The n side is 8 columns: the
+  (up to 4) query rows as float16 ``hi`` in columns 0-3 and ``lo = q - hi`` in columns 4-7,
+  held in registers for the whole split, so one product gives both halves and the query
+  loses no precision (``score = S[:, r] + S[:, r + 4]``, one lane exchange);
+- softmax: online, per warp, each thread keeping the rows of its fragment columns;
+- values: ``O^T[16 x 8] += V^T[16 x 16] P^T`` per 16 channels, the probabilities times each
+  token's value norm again split into ``hi``/``lo`` columns.
 
-Dequantization is exact because the sphere codebooks are float16-exact
-(:func:`tq_core.codebook.sphere_codebook`). Metal has simdgroup matrices but another
-fragment layout, so this path is generated for CUDA only (:func:`mma_applies`); Metal runs the
-SIMT body for every split. The warps' partial results meet in threadgroup memory and the
-split writes the same ``o`` / ``ml`` as the SIMT path, so the merge kernels are shared.
+The A operands come straight from each thread's bits of the packed codes
+(:mod:`tq_kernels.attention_mma_fragments`): no staging, no tiles, no ``ldmatrix``; the
+next step's words are loaded while the current step computes. Dequantization is exact
+because the sphere codebooks are float16-exact (:func:`tq_core.codebook.sphere_codebook`).
+Metal has simdgroup matrices with another fragment layout, so this path is CUDA only
+(:func:`mma_applies`). The warps' results meet in threadgroup memory and the split writes
+the same ``o`` / ``ml`` as the SIMT path, so the merge kernels are shared.
 """
 
 from __future__ import annotations
 
 from .attention_layout import ATTEND_THREADS, AttendLayout
-from .attention_mma_tiles import (
-    TILE_STRIDE,
-    lut_offsets,
-    staged_words,
-    staging,
-    staging_regs,
-    streams,
-    tile_products,
-)
+from .attention_mma_fragments import field, lut_fill, lut_plan, window_load, window_shift
+from .attention_mma_fragments import window_words as _ww
 
-__all__ = ["mma_applies", "mma_packed_code", "mma_shared_bytes", "MMA_MAX_BITS"]
+__all__ = ["mma_applies", "mma_packed_code", "mma_shared_bytes", "MMA_MAX_BITS", "MMA_MAX_ROWS"]
 
 #: Code widths the pair tables serve (a 4-bit pair table has 256 entries).
 MMA_MAX_BITS = 4
+#: Query rows: hi and lo halves of each row share the 8 columns of the n side.
+MMA_MAX_ROWS = 4
 #: Static shared memory CUDA allows a kernel.
 _CUDA_SHARED = 48 * 1024
+_WARPS = ATTEND_THREADS // 32
+#: Per warp: double-buffered probabilities [16 tokens][4 rows], and (max, sum) of 4 rows.
+_WARP_FLOATS = 2 * 64 + 8
+
+
+def _budget_words(layout: AttendLayout) -> int:
+    from .attention_source import shared_bytes  # the SIMT body's own share of the budget
+
+    return (_CUDA_SHARED - shared_bytes(layout, False)) // 4 - _WARPS * _WARP_FLOATS
 
 
 def mma_applies(layout: AttendLayout, backend: str) -> bool:
     """Whether the packed splits of ``layout`` run on the tensor cores: CUDA, mse keys and
-    values of at most 4 bits, up to 8 query rows, and the threadgroup memory fits."""
-    if backend != "cuda" or layout.rows > 8:
+    values of 1-4 bits in parts of whole 16-channel steps, at most 4 query rows, and the
+    pair tables fit threadgroup memory."""
+    if backend != "cuda" or layout.rows > MMA_MAX_ROWS:
         return False
     parts = (*layout.keys, *layout.values)
     if any(getattr(p, "prod", False) or not 1 <= p.bits <= MMA_MAX_BITS for p in parts):
         return False
-    # attention_source builds its text from this module: import its budget here, not above.
-    from .attention_source import shared_bytes
-
-    return shared_bytes(layout, False) + mma_shared_bytes(layout) <= _CUDA_SHARED
+    if any(p.width % 16 or p.width > 256 for p in parts):
+        return False
+    budget = _budget_words(layout)
+    return budget > 0 and lut_plan(layout, budget)[2] <= budget
 
 
 def mma_shared_bytes(layout: AttendLayout) -> int:
-    """Threadgroup memory the tensor-core path adds: pair tables, and per warp a 16-token
-    fp16 tile, a probability transpose, its (max, sum) rows and its staged code words."""
-    warps = ATTEND_THREADS // 32
-    lut = lut_offsets(layout)[2] * 4
-    staged = staged_words(layout) * 4
-    return lut + warps * (16 * TILE_STRIDE * 2 + 16 * 8 * 4 + 8 * 2 * 4 + staged)
+    """Threadgroup memory the tensor-core path adds: pair tables and per-warp rows."""
+    return 4 * (lut_plan(layout, _budget_words(layout))[2] + _WARPS * _WARP_FLOATS)
 
 
-def mma_packed_code(layout: AttendLayout, key_cb: list[int], value_cb: list[int]) -> str:
-    """The packed-split branch of the attend body (returns after writing its split);
-    ``key_cb`` / ``value_cb``: each part's codebook offset in ``cb_sh``."""
-    klut, vlut, nlut = lut_offsets(layout)
-    words = streams(layout)
-    staged = staged_words(layout)
-    load, store = staging(layout)
-    ks = layout.dq // 16
-    dv16 = layout.dv // 16
-    lines = [
-        "  if (!fp) {",
-        "    // Tensor-core packed split (attention_mma_source).",
-        f"    TQ_SHARED tq_uint mma_lut[{nlut}];",
-        f"    TQ_SHARED uint4 mma_tile[NWARPS * {16 * TILE_STRIDE // 8}];",
-        "    TQ_SHARED float mma_p[NWARPS * 128];",
-        "    TQ_SHARED float mma_ml[NWARPS * 16];",
-        f"    TQ_SHARED tq_uint mma_w[NWARPS * {staged}];",
+def _key_windows(layout):
+    """(name, part, words per token, window bits) per key part."""
+    return [
+        (f"k{i}", p, p.width * p.bits // 32, p.width * p.bits // 4)
+        for i, p in enumerate(layout.keys)
     ]
-    for parts, luts, cbs in ((layout.keys, klut, key_cb), (layout.values, vlut, value_cb)):
-        for p, lut, cb in zip(parts, luts, cbs):
-            n, m = 1 << (2 * p.bits), (1 << p.bits) - 1
-            lines.append(
-                f"    for (int i = (int)tq_tid; i < {n}; i += NT) mma_lut[{lut} + i] = "
-                f"tq_h2(cb_sh[{cb} + (i & {m})], cb_sh[{cb} + (i >> {p.bits})]);"
-            )
-    lines += [
-        "    TQ_BARRIER();",
-        "    const int g = lane >> 2;",
-        "    const int t4 = lane & 3;",
-        "    TQ_TGPTR uint4* tile4 = mma_tile + warp * " + str(16 * TILE_STRIDE // 8) + ";",
-        "    const unsigned tile_s = tq_smem(tile4);",
-        "    TQ_TGPTR float* ps = mma_p + warp * 128;",
-        "    // Query rows as the n side of S = K Q^T: thread (g, t4) holds row g, channels",
-        "    // 16k + 2t4 (+1, +8, +9), as float16 hi + lo pairs.",
-        f"    unsigned qh[{ks}][2], ql[{ks}][2];",
+
+
+def _value_windows(layout):
+    return [
+        (f"v{j}", p, p.width * p.bits // 32, p.width * p.bits // 8)
+        for j, p in enumerate(layout.values)
+    ]
+
+
+def _loads(layout, side: str) -> list[str]:
+    """Load the step at token ``ld0`` into the window and norm registers of ``side``
+    ("k": per key part tokens g, g + 8; "v": per value part 2t4, 2t4+1, 2t4+8, 2t4+9)."""
+    if side == "k":
+        windows, offsets, start = _key_windows(layout), ("g", "g + 8"), "t4"
+    else:
+        offsets = ("2 * t4", "2 * t4 + 1", "2 * t4 + 8", "2 * t4 + 9")
+        windows, start = _value_windows(layout), "g"
+    lines = []
+    for name, _, sw, nb in windows:
+        for u, off in enumerate(offsets):
+            tok, live, norm = f"lt{u}", f"lt{u} < end", f"{name}_norm"
+            lines += [
+                "      {",
+                f"      const int {tok} = ld0 + {off};",
+                *window_load(f"{name}w{u}", f"{name}_idx", tok, live, f"{start} * {nb}", nb, sw),
+                f"      {name}n{u} = {live} ? tq_float({norm}[TQ_AT({norm}, {tok})]) : 0.0f;",
+                "      }",
+            ]
+    return lines
+
+
+def _registers(layout) -> list[str]:
+    out = []
+    for name, _, _, nb in _key_windows(layout):
+        extra = 0 if nb % 32 == 0 else 1
+        out += [f"    tq_uint {name}w{u}[{_ww(nb) + extra}];" for u in range(2)]
+        out.append(f"    float {name}n0 = 0.0f, {name}n1 = 0.0f;")
+    for name, _, _, nb in _value_windows(layout):
+        extra = 0 if nb % 32 == 0 else 1
+        out += [f"    tq_uint {name}w{u}[{_ww(nb) + extra}];" for u in range(4)]
+        out.append(f"    float {name}n0 = 0.0f, {name}n1 = 0.0f, {name}n2 = 0.0f, {name}n3 = 0.0f;")
+    return out
+
+
+def _q_fragments(layout) -> list[str]:
+    """The n side of every key step: thread (g, t4) holds column g (row g & 3, ``hi`` below
+    4, ``lo`` from 4) at its channels ``t4 * W/4 + 4s .. + 3`` of each key part."""
+    lines = [
+        f"    unsigned qb[{layout.dq // 16}][2];",
         "    {",
         "      const TQ_TGPTR float* qs = (const TQ_TGPTR float*)q_sh4;",
-        "#pragma unroll",
-        f"      for (int k = 0; k < {ks}; ++k) {{",
-        "#pragma unroll",
-        "        for (int e = 0; e < 2; ++e) {",
-        "          const int d = 16 * k + 2 * t4 + 8 * e;",
-        "          const float x0 = g < R ? qs[g * DQ + d] : 0.0f;",
-        "          const float x1 = g < R ? qs[g * DQ + d + 1] : 0.0f;",
-        "          const float h0 = tq_hround(x0), h1 = tq_hround(x1);",
-        "          qh[k][e] = tq_h2(h0, h1);",
-        "          ql[k][e] = tq_h2(x0 - h0, x1 - h1);",
-        "        }",
-        "      }",
-        "    }",
-        "    float m2[2] = {TQ_NEG_INF, TQ_NEG_INF};",
-        "    float l2[2] = {0.0f, 0.0f};",
-        f"    float acc[{dv16}][4];",
-        "#pragma unroll",
-        f"    for (int i = 0; i < {dv16}; ++i)",
-        "      acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;",
-        "    // ldmatrix row addresses: keys as A (tokens x channels), values transposed.",
-        "    const int mi = lane >> 3;",
-        f"    const unsigned ka = tile_s + (((lane & 7) + 8 * (mi & 1)) * {TILE_STRIDE} + "
-        "8 * (mi >> 1)) * 2;",
-        f"    const unsigned va = tile_s + (((lane & 7) + 8 * (mi >> 1)) * {TILE_STRIDE} + "
-        "8 * (mi & 1)) * 2;",
-        f"    TQ_TGPTR tq_uint* wsh = mma_w + warp * {staged};",
-        staging_regs(layout),
-        "    if (begin + warp * 16 < end) {",
-        "      const int tq_ld = begin + warp * 16;",
-        load,
-        "    }",
-        "    for (int tok0 = begin + warp * 16; tok0 < end; tok0 += NWARPS * 16) {",
-        store,
-        "      tq_syncwarp();",
-        "      if (tok0 + NWARPS * 16 < end) {  // the next step's words, in flight meanwhile",
-        "        const int tq_ld = tok0 + NWARPS * 16;",
-        load,
-        "      }",
-        "      float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // (token g | g + 8) x (row 2t4 | 2t4 + 1)",
-        "      const int tg0 = tok0 + g, tg1 = tok0 + g + 8;",
+        "      const int qr = g & 3;",
+        "      const bool qlo = g >= 4;",
     ]
-    for i, p in enumerate(layout.keys):
-        norm = f"k{i}_norm"
+    step = 0
+    for p in layout.keys:
+        for s in range(p.width // 16):
+            ch = f"{p.qoff} + t4 * {p.width // 4} + {4 * s}"
+            lines += [
+                "      {",
+                f"        const int ch = {ch};",
+                "        float x[4];",
+                "#pragma unroll",
+                "        for (int e = 0; e < 4; ++e) {",
+                "          const float v = qr < R ? qs[qr * DQ + ch + e] : 0.0f;",
+                "          const float hv = tq_hround(v);",
+                "          x[e] = qlo ? v - hv : hv;",
+                "        }",
+                f"        qb[{step}][0] = tq_h2(x[0], x[1]);",
+                f"        qb[{step}][1] = tq_h2(x[2], x[3]);",
+                "      }",
+            ]
+            step += 1
+    return lines + ["    }"]
+
+
+def _key_products(layout, kplan) -> list[str]:
+    lines, step = [], 0
+    for (name, p, _, nb), (loff, copies) in zip(_key_windows(layout), kplan):
+        lc = copies.bit_length() - 1
+        shift0, x0 = window_shift(f"x0_{name}", f"{name}w0", f"t4 * {nb}", nb)
+        shift1, x1 = window_shift(f"x1_{name}", f"{name}w1", f"t4 * {nb}", nb)
         lines += [
-            f"      {{  // key part {i}: width {p.width}, {p.bits} bits",
+            f"      {{  // key part {name}: width {p.width}, {p.bits} bits",
+            *shift0,
+            *shift1,
+            f"        const int lb = {loff} + (lane & {copies - 1});",
             "        float ci[4] = {0.0f, 0.0f, 0.0f, 0.0f};",
         ]
-        lines += tile_products(
-            words[i],
-            p,
-            klut[i],
-            lambda c, q0=p.qoff // 16: (
-                f"          tq_ldsm_x4(a, ka + {32 * (c % 2)});",
-                f"          tq_mma16816(ci, a, qh[{q0 + c}]);",
-                f"          tq_mma16816(ci, a, ql[{q0 + c}]);",
-            ),
-        )
+        for s in range(p.width // 16):
+            b0, b1 = 4 * s * p.bits, (4 * s + 2) * p.bits
+            f = 2 * p.bits
+            lines += [
+                "        {",
+                "          unsigned a[4];",
+                f"          a[0] = mma_lut[lb + ({field(x0, b0, f)} << {lc})];",
+                f"          a[1] = mma_lut[lb + ({field(x1, b0, f)} << {lc})];",
+                f"          a[2] = mma_lut[lb + ({field(x0, b1, f)} << {lc})];",
+                f"          a[3] = mma_lut[lb + ({field(x1, b1, f)} << {lc})];",
+                f"          tq_mma16816(ci, a, qb[{step}]);",
+                "        }",
+            ]
+            step += 1
         lines += [
-            f"        const float n0 = tg0 < end ? tq_float({norm}[TQ_AT({norm}, tg0)]) : 0.0f;",
-            f"        const float n1 = tg1 < end ? tq_float({norm}[TQ_AT({norm}, tg1)]) : 0.0f;",
-            "        c[0] += n0 * ci[0];",
-            "        c[1] += n0 * ci[1];",
-            "        c[2] += n1 * ci[2];",
-            "        c[3] += n1 * ci[3];",
+            f"        sc[0] += {name}n0 * ci[0];",
+            f"        sc[1] += {name}n0 * ci[1];",
+            f"        sc[2] += {name}n1 * ci[2];",
+            f"        sc[3] += {name}n1 * ci[3];",
             "      }",
         ]
-    lines += [
-        "      if (tg0 >= end) c[0] = c[1] = TQ_NEG_INF;",
-        "      if (tg1 >= end) c[2] = c[3] = TQ_NEG_INF;",
-        "#pragma unroll",
-        "      for (int j = 0; j < 2; ++j) {",
-        "        float tm = tq_fmax(c[j], c[j + 2]);",
-        "        tm = tq_fmax(tm, tq_shuffle_xor(tm, 4));",
-        "        tm = tq_fmax(tm, tq_shuffle_xor(tm, 8));",
-        "        tm = tq_fmax(tm, tq_shuffle_xor(tm, 16));",
-        "        const float mn = tq_fmax(m2[j], tm);",
-        "        float alpha = 1.0f, p0 = 0.0f, p1 = 0.0f;",
-        "        if (mn != TQ_NEG_INF) {",
-        "          alpha = tq_exp(m2[j] - mn);",
-        "          p0 = tq_exp(c[j] - mn);",
-        "          p1 = tq_exp(c[j + 2] - mn);",
-        "        } else {",
-        "          if (c[j] != c[j]) p0 = c[j];  // NaN scores stay NaN, as in the SIMT path",
-        "          if (c[j + 2] != c[j + 2]) p1 = c[j + 2];",
-        "        }",
-        "        m2[j] = mn;",
-        "        l2[j] = l2[j] * alpha + p0 + p1;",
-        "#pragma unroll",
-        f"        for (int i = 0; i < {dv16}; ++i) {{",
-        "          acc[i][j] *= alpha;",
-        "          acc[i][j + 2] *= alpha;",
-        "        }",
-        "        ps[g * 8 + 2 * t4 + j] = p0;",
-        "        ps[(g + 8) * 8 + 2 * t4 + j] = p1;",
-        "      }",
-        "      tq_syncwarp();",
-        "      // P^T as the n side of O^T = V^T P^T: tokens 2t4 (+1, +8, +9), row g.",
-        "      const float pt0 = ps[(2 * t4) * 8 + g], pt1 = ps[(2 * t4 + 1) * 8 + g];",
-        "      const float pt2 = ps[(2 * t4 + 8) * 8 + g], pt3 = ps[(2 * t4 + 9) * 8 + g];",
-        "      const int v0 = tok0 + 2 * t4, v1 = v0 + 1, v8 = v0 + 8, v9 = v0 + 9;",
-    ]
-    for j, p in enumerate(layout.values):
-        norm = f"v{j}_norm"
+    return lines
+
+
+def _value_products(layout, vplan) -> list[str]:
+    lines = []
+    for (name, p, _, nb), (loff, copies) in zip(_value_windows(layout), vplan):
+        lc, bits = copies.bit_length() - 1, p.bits
         lines += [
-            f"      {{  // value part {j}: width {p.width}, {p.bits} bits",
+            f"      {{  // value part {name}: width {p.width}, {bits} bits",
+            f"        const int lb = {loff} + (lane & {copies - 1});",
             "        unsigned pb[2];",
-            f"        pb[0] = tq_h2(v0 < end ? pt0 * tq_float({norm}[TQ_AT({norm}, v0)]) : 0.0f,",
-            f"                      v1 < end ? pt1 * tq_float({norm}[TQ_AT({norm}, v1)]) : 0.0f);",
-            f"        pb[1] = tq_h2(v8 < end ? pt2 * tq_float({norm}[TQ_AT({norm}, v8)]) : 0.0f,",
-            f"                      v9 < end ? pt3 * tq_float({norm}[TQ_AT({norm}, v9)]) : 0.0f);",
-        ]
-        lines += tile_products(
-            words[len(layout.keys) + j],
-            p,
-            vlut[j],
-            lambda c, m0=p.off // 16: (
-                f"          tq_ldsm_x4_t(a, va + {32 * (c % 2)});",
-                f"          tq_mma16816(acc[{m0 + c}], a, pb);",
+            *(
+                f"        pb[{i}] = tq_h2(tq_part(pt[{2 * i}] * {name}n{2 * i}, plo), "
+                f"tq_part(pt[{2 * i + 1}] * {name}n{2 * i + 1}, plo));"
+                for i in range(2)
             ),
-        )
+        ]
+        xs = []
+        for u in range(4):
+            shift, x = window_shift(f"x{u}_{name}", f"{name}w{u}", f"g * {nb}", nb)
+            lines += shift
+            xs.append(x)
+
+        def pair(a, b_, bit, xs=xs, bits=bits, lc=lc):
+            lo, hi = field(xs[a], bit, bits), field(xs[b_], bit, bits)
+            return f"mma_lut[lb + (({lo} | ({hi} << {bits})) << {lc})]"
+
+        for m in range(p.width // 16):
+            d0, d1 = 2 * m * bits, (2 * m + 1) * bits
+            lines += [
+                "        {",
+                "          unsigned a[4];",
+                f"          a[0] = {pair(0, 1, d0)};",
+                f"          a[1] = {pair(0, 1, d1)};",
+                f"          a[2] = {pair(2, 3, d0)};",
+                f"          a[3] = {pair(2, 3, d1)};",
+                f"          tq_mma16816(acc[{p.off // 16 + m}], a, pb);",
+                "        }",
+            ]
         lines.append("      }")
-    lines += [
-        "    }",
-        "    // Meet: row sums over the lanes of a row, then the warps in threadgroup memory.",
+    return lines
+
+
+def _meet(layout) -> list[str]:
+    """Row sums over the lanes of a row, hi + lo columns joined, then the warps in turn add
+    their rescaled sums into ``p_sh`` (o[R][DV], rotated basis); one split's ``o``/``ml``."""
+    lines = [
+        "    // Meet: hi + lo columns, row sums over the lanes of a row, then the warps.",
+        "#pragma unroll",
+        f"    for (int i = 0; i < {layout.dv // 16}; ++i)",
+        "#pragma unroll",
+        "      for (int e = 0; e < 4; ++e) acc[i][e] += tq_shuffle_xor(acc[i][e], 2);",
         "#pragma unroll",
         "    for (int j = 0; j < 2; ++j) {",
         "      l2[j] += tq_shuffle_xor(l2[j], 4);",
         "      l2[j] += tq_shuffle_xor(l2[j], 8);",
         "      l2[j] += tq_shuffle_xor(l2[j], 16);",
-        "      if (g == 0) {",
-        "        mma_ml[warp * 16 + (2 * t4 + j) * 2] = m2[j];",
-        "        mma_ml[warp * 16 + (2 * t4 + j) * 2 + 1] = l2[j];",
+        "      if (g == 0 && t4 < 2) {",
+        "        mma_ml[warp * 8 + (2 * t4 + j) * 2] = m2[j];",
+        "        mma_ml[warp * 8 + (2 * t4 + j) * 2 + 1] = l2[j];",
         "      }",
         "    }",
         "    for (int i = (int)tq_tid; i < R * DV; i += NT) p_sh[i] = 0.0f;",
@@ -243,24 +250,30 @@ def mma_packed_code(layout: AttendLayout, key_cb: list[int], value_cb: list[int]
         "    float f[2];",
         "#pragma unroll",
         "    for (int j = 0; j < 2; ++j) {",
-        "      const int r = 2 * t4 + j;",
+        "      const int r = 2 * (t4 & 1) + j;",
         "      float mm = TQ_NEG_INF;",
-        "      for (int w = 0; w < NWARPS; ++w) mm = tq_fmax(mm, mma_ml[w * 16 + r * 2]);",
+        "      for (int w = 0; w < NWARPS; ++w) mm = tq_fmax(mm, mma_ml[w * 8 + r * 2]);",
         "      f[j] = (m2[j] == TQ_NEG_INF) ? 0.0f : tq_exp(m2[j] - mm);",
         "    }",
         "    for (int w = 0; w < NWARPS; ++w) {",
-        "      if (warp == w) {",
-        "#pragma unroll",
-        f"        for (int i = 0; i < {dv16}; ++i) {{",
-        "#pragma unroll",
-        "          for (int j = 0; j < 2; ++j) {",
-        "            const int r = 2 * t4 + j;",
-        "            if (r < R) {",
-        "              p_sh[r * DV + 16 * i + g] += f[j] * acc[i][j];",
-        "              p_sh[r * DV + 16 * i + g + 8] += f[j] * acc[i][j + 2];",
-        "            }",
-        "          }",
-        "        }",
+        "      if (warp == w && t4 < 2) {",
+    ]
+    for p in layout.values:
+        lines += [
+            "#pragma unroll",
+            f"        for (int m = 0; m < {p.width // 16}; ++m) {{",
+            f"          const int d = {p.off} + g * {p.width // 8} + 2 * m;",
+            "#pragma unroll",
+            "          for (int j = 0; j < 2; ++j) {",
+            "            const int r = 2 * t4 + j;",
+            "            if (r < R) {",
+            f"              p_sh[r * DV + d] += f[j] * acc[{p.off // 16} + m][j];",
+            f"              p_sh[r * DV + d + 1] += f[j] * acc[{p.off // 16} + m][j + 2];",
+            "            }",
+            "          }",
+            "        }",
+        ]
+    lines += [
         "      }",
         "      TQ_BARRIER();",
         "    }",
@@ -269,15 +282,117 @@ def mma_packed_code(layout: AttendLayout, key_cb: list[int], value_cb: list[int]
         "    if ((int)tq_tid < R) {",
         "      const int r = (int)tq_tid;",
         "      float mm = TQ_NEG_INF, ll = 0.0f;",
-        "      for (int w = 0; w < NWARPS; ++w) mm = tq_fmax(mm, mma_ml[w * 16 + r * 2]);",
+        "      for (int w = 0; w < NWARPS; ++w) mm = tq_fmax(mm, mma_ml[w * 8 + r * 2]);",
         "      for (int w = 0; w < NWARPS; ++w) {",
-        "        const float mw = mma_ml[w * 16 + r * 2];",
-        "        if (mw != TQ_NEG_INF) ll += mma_ml[w * 16 + r * 2 + 1] * tq_exp(mw - mm);",
+        "        const float mw = mma_ml[w * 8 + r * 2];",
+        "        if (mw != TQ_NEG_INF) ll += mma_ml[w * 8 + r * 2 + 1] * tq_exp(mw - mm);",
         "      }",
         "      ml[(slot * R + r) * 2] = mm;",
         "      ml[(slot * R + r) * 2 + 1] = ll;",
         "    }",
         "    return;",
         "  }",
+    ]
+    return lines
+
+
+_SOFTMAX = r"""
+      // Scores: hi + lo columns (lanes t4 and t4 ^ 2 then hold the same rows), masked
+      // past the split's end.
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sc[e] += tq_shuffle_xor(sc[e], 2);
+      if (tok0 + g >= end) sc[0] = sc[1] = TQ_NEG_INF;
+      if (tok0 + g + 8 >= end) sc[2] = sc[3] = TQ_NEG_INF;
+      TQ_TGPTR float* ps = mma_p + warp * 128 + (((tok0 - begin) / (NWARPS * 16)) & 1) * 64;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        float tm = tq_fmax(sc[j], sc[j + 2]);
+        tm = tq_fmax(tm, tq_shuffle_xor(tm, 4));
+        tm = tq_fmax(tm, tq_shuffle_xor(tm, 8));
+        tm = tq_fmax(tm, tq_shuffle_xor(tm, 16));
+        const float mn = tq_fmax(m2[j], tm);
+        float alpha = 1.0f, p0 = 0.0f, p1 = 0.0f;
+        if (mn != TQ_NEG_INF) {
+          alpha = tq_exp(m2[j] - mn);
+          p0 = tq_exp(sc[j] - mn);
+          p1 = tq_exp(sc[j + 2] - mn);
+        } else {
+          if (sc[j] != sc[j]) p0 = sc[j];  // NaN scores stay NaN, as in the SIMT path
+          if (sc[j + 2] != sc[j + 2]) p1 = sc[j + 2];
+        }
+        m2[j] = mn;
+        l2[j] = l2[j] * alpha + p0 + p1;
+#pragma unroll
+        for (int i = 0; i < DV / 16; ++i) {
+          acc[i][j] *= alpha;
+          acc[i][j + 2] *= alpha;
+        }
+        if (t4 < 2) {
+          ps[g * 4 + 2 * t4 + j] = p0;
+          ps[(g + 8) * 4 + 2 * t4 + j] = p1;
+        }
+      }
+      tq_syncwarp();
+      // P^T as the n side: tokens 2t4 (+1, +8, +9), column g (row g & 3, hi | lo).
+      const bool plo = g >= 4;
+      float pt[4];
+      {
+        const int r = g & 3;
+        pt[0] = r < R ? ps[(2 * t4) * 4 + r] : 0.0f;
+        pt[1] = r < R ? ps[(2 * t4 + 1) * 4 + r] : 0.0f;
+        pt[2] = r < R ? ps[(2 * t4 + 8) * 4 + r] : 0.0f;
+        pt[3] = r < R ? ps[(2 * t4 + 9) * 4 + r] : 0.0f;
+      }
+"""
+
+
+def mma_packed_code(layout: AttendLayout, key_cb: list[int], value_cb: list[int]) -> str:
+    """The packed-split branch of the attend body (returns after writing its split);
+    ``key_cb`` / ``value_cb``: each part's codebook offset in ``cb_sh``."""
+    kplan, vplan, nlut = lut_plan(layout, _budget_words(layout))
+    lines = [
+        "  if (!fp) {",
+        "    // Tensor-core packed split (attention_mma_source).",
+        f"    TQ_SHARED tq_uint mma_lut[{nlut}];",
+        "    TQ_SHARED float mma_p[NWARPS * 128];",
+        "    TQ_SHARED float mma_ml[NWARPS * 8];",
+    ]
+    for p, (off, copies), cb in zip(layout.keys, kplan, key_cb):
+        lines.append(lut_fill(off, copies, p.bits, cb))
+    for p, (off, copies), cb in zip(layout.values, vplan, value_cb):
+        lines.append(lut_fill(off, copies, p.bits, cb))
+    lines += [
+        "    TQ_BARRIER();",
+        "    const int g = lane >> 2;",
+        "    const int t4 = lane & 3;",
+        *_q_fragments(layout),
+        "    float m2[2] = {TQ_NEG_INF, TQ_NEG_INF};",
+        "    float l2[2] = {0.0f, 0.0f};",
+        f"    float acc[{layout.dv // 16}][4];",
+        "#pragma unroll",
+        f"    for (int i = 0; i < {layout.dv // 16}; ++i)",
+        "      acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;",
+        *_registers(layout),
+        "    if (begin + warp * 16 < end) {",
+        "      const int ld0 = begin + warp * 16;",
+        *_loads(layout, "k"),
+        *_loads(layout, "v"),
+        "    }",
+        "    // Each side's registers are reloaded with the next step's words as soon as this",
+        "    // step has used them, so the loads are in flight through half a step.",
+        "    for (int tok0 = begin + warp * 16; tok0 < end; tok0 += NWARPS * 16) {",
+        "      const int ld0 = tok0 + NWARPS * 16;",
+        "      float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // (token g | g + 8) x (col 2t4 | +1)",
+        *_key_products(layout, kplan),
+        "      if (ld0 < end) {",
+        *_loads(layout, "k"),
+        "      }",
+        _SOFTMAX,
+        *_value_products(layout, vplan),
+        "      if (ld0 < end) {",
+        *_loads(layout, "v"),
+        "      }",
+        "    }",
+        *_meet(layout),
     ]
     return "\n".join(lines)

@@ -22,6 +22,7 @@ widths, bits, key mode), so it is generated per
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from .attention_layout import (
@@ -363,13 +364,18 @@ def attend_source(layout: AttendLayout, backend: str, mma: bool = True, min_bloc
     )
     header = prelude(backend) + PART_HELPERS + (MMA_HELPERS if backend == "cuda" else "")
     header += _launch_bounds(backend, min_blocks)
-    name = f"tq_kv_attend_{layout.tag()}_{backend}{'_mma' if use_mma else ''}"
+    text = thread_ids(backend) + consts + _expand_offsets(body)
+    # MLX keeps one compiled module per kernel name: the name carries what the text
+    # depends on beyond the layout (path, register cap, and a digest of the text itself,
+    # so that module-level knobs such as the pair-table size cannot reuse a stale module).
+    digest = hashlib.sha1(text.encode()).hexdigest()[:8]
+    name = f"tq_kv_attend_{layout.tag()}_{backend}{'_mma' if use_mma else ''}_{digest}"
     if backend == "cuda" and min_blocks > 0:
-        name += f"_lb{min_blocks}"  # MLX keeps one compiled module per kernel name
+        name += f"_lb{min_blocks}"
     return (
         name,
         header,
-        thread_ids(backend) + consts + _expand_offsets(body),
+        text,
         layout.input_names(),
         ("o", "ml"),
     )

@@ -63,6 +63,11 @@ TQ_INLINE float tq_hround(float x) {
   return x;
 #endif
 }
+// x split as float16 hi + lo: the hi half, or (with lo) what hi leaves out.
+TQ_INLINE float tq_part(float x, bool lo) {
+  const float hv = tq_hround(x);
+  return lo ? x - hv : hv;
+}
 TQ_INLINE unsigned tq_funnel(unsigned lo, unsigned hi, int s) {
 #if defined(__CUDA_ARCH__)
   return __funnelshift_r(lo, hi, s);
