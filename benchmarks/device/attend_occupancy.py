@@ -4,7 +4,9 @@ tensor-core packed splits, side by side in one process, fp16 SDPA as the referen
 A spill-free register cap that raises occupancy would speed a latency-bound kernel up.
 
 usage: python benchmarks/device/attend_occupancy.py [--contexts 32768,131072]
-           [--settings K4V3,K3V2] [--blocks 0,2,3,4] [--calls 16] [--json F]
+           [--settings K4V3,K3V2] [--blocks=0,2,-1] [--mma 0,1] [--groups 528,264]
+           [--lut-words 2048,4096] [--calls 16] [--json F]
+(``--blocks=-1``, with ``=``: the automatic choice.)
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 
 import mlx.core as mx
 import tq_kernels.attention as attention
+import tq_kernels.attention_mma_fragments as fragments
 from tq_cli.atomic_write import write_text_atomic
 from tq_cli.bench_kernels import time_per_call
 from tq_cli.bench_kv import _tq_cache, parse_settings
@@ -27,6 +30,7 @@ def main():
     ap.add_argument("--blocks", default="0,2,3,4")
     ap.add_argument("--mma", default="0,1")
     ap.add_argument("--groups", default="528,264", help="split targets (threadgroups) to try")
+    ap.add_argument("--lut-words", default="2048", help="pair-table words a part may take")
     ap.add_argument("--calls", type=int, default=16)
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -50,13 +54,17 @@ def main():
             caches = [_tq_cache(k, v, s["knobs"]) for _ in range(2)]
             ref = None
             combos = [
-                (mma == "1", int(nb), int(gr))
+                (mma == "1", int(nb), int(gr), int(lw))
                 for mma in a.mma.split(",")
                 for nb in a.blocks.split(",")
                 for gr in a.groups.split(",")
+                for lw in a.lut_words.split(",")
             ]
             if True:
-                for mma, nb, groups in combos:
+                for mma, nb, groups, lut_words in combos:
+                    fragments.LUT_WORDS = lut_words
+                    attention._attend_kernel.cache_clear()  # its text depends on LUT_WORDS
+                    attention._mma_applies.cache_clear()
                     attention.MMA_ATTEND, attention.ATTEND_MIN_BLOCKS = mma, nb
                     attention._TARGET_GROUPS = attention._MMA_TARGET_GROUPS = groups
                     out = cache_attention(q, caches[0], 0.088).astype(mx.float32)
@@ -76,6 +84,7 @@ def main():
                         "mma": mma,
                         "min_blocks": nb,
                         "groups": groups,
+                        "lut_words": lut_words,
                         "us_per_call": round(sec * 1e6, 1),
                         "speedup_vs_fp16": round(fp16 / (sec * 1e6), 2),
                         "max_rel_diff_vs_first": rel,

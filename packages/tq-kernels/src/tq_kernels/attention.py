@@ -122,11 +122,11 @@ MMA_ATTEND = os.environ.get("TQ_ATTEND_MMA", "1") != "0"
 
 
 def _uses_mma(layout: AttendLayout, backend: str) -> bool:
-    return MMA_ATTEND and mma_applies(layout, backend)
+    return MMA_ATTEND and _mma_applies(layout, backend)
 
 
-def _split_groups(layout: AttendLayout, backend: str) -> int:
-    return _MMA_TARGET_GROUPS if _uses_mma(layout, backend) else _TARGET_GROUPS
+#: Asked twice per decode step and layer: its budget arithmetic cost ~20 us of host time.
+_mma_applies = cache(mma_applies)
 
 
 #: Threadgroups per SM the CUDA compiler is asked to fit (``__launch_bounds__``; 0: its own
@@ -171,13 +171,14 @@ def fp_splits(n_fp: int) -> int:
     return max(1, -(-n_fp // ATTEND_THREADS))
 
 
-def _attend(layout: AttendLayout, backend: str, inputs: list, nsplit: int, n_fp: int, cols: int):
+def _attend(
+    layout: AttendLayout, backend: str, inputs: list, nsplit: int, n_fp: int, cols: int, mma: bool
+):
     """One attend launch: ``nsplit`` sequence splits of the packed tokens, then the splits of
-    the ``n_fp`` fp16 tokens, per (batch x KV head) column; returns the per-split partial
-    outputs and (max, sum) rows."""
+    the ``n_fp`` fp16 tokens, per (batch x KV head) column, the packed ones on the tensor
+    cores with ``mma``; returns the per-split partial outputs and (max, sum) rows."""
     rb, dv = layout.rows, layout.dv
     splits = nsplit + fp_splits(n_fp)
-    mma = _uses_mma(layout, backend)
     return _attend_kernel(layout, backend, mma, _min_blocks(layout, mma))(
         inputs=inputs,
         grid=(splits * ATTEND_THREADS, cols, 1),
@@ -325,7 +326,8 @@ def raw_kv_attention(
     dv = sum(p.width for p in values)
     if layout is None:
         layout = raw_layout(keys, values, queries.shape, kperm is not None, vperm is not None)
-    chunk, nsplit = split_plan(n_packed, b * h, _split_groups(layout, backend))
+    mma = _uses_mma(layout, backend)
+    chunk, nsplit = split_plan(n_packed, b * h, _MMA_TARGET_GROUPS if mma else None)
     sink_k, sink_v, tail_k, tail_v, n_sink, n_tail = _fp_inputs(fp_segments, b, h, dk, dv)
     counts = _constant(
         counts_values(chunk, n_sink, n_tail, L, causal, rows, h, sinks is not None), mx.int32
@@ -338,7 +340,7 @@ def raw_kv_attention(
     for p in values:
         inputs += [p.idx, p.norm, p.codebook]
     inputs += [sink_k, sink_v, tail_k, tail_v]
-    o, ml = _attend(layout, backend, inputs, nsplit, n_sink + n_tail, b * h)
+    o, ml = _attend(layout, backend, inputs, nsplit, n_sink + n_tail, b * h, mma)
     finish = [o, ml, sinks.astype(mx.float32) if sinks is not None else counts, counts]
     finish += [p.signs for p in values]
     if vperm is not None:
@@ -393,7 +395,8 @@ def packed_kv_attention(
         q, qf = mx.pad(q, pad), mx.pad(qf, pad)
     probe = keys[0].idx if keys[0].bits else keys[0].sgn
     n_packed = probe.shape[2]
-    chunk, nsplit = split_plan(n_packed, b * h, _split_groups(layout, backend))
+    mma = _uses_mma(layout, backend)
+    chunk, nsplit = split_plan(n_packed, b * h, _MMA_TARGET_GROUPS if mma else None)
 
     sink_k, sink_v, tail_k, tail_v, n_sink, n_tail = _fp_inputs(fp_segments, b, h, dk, dv)
     counts = _constant(counts_values(chunk, n_sink, n_tail, queries_per_head, causal), mx.int32)
@@ -407,7 +410,7 @@ def packed_kv_attention(
     for p in values:
         inputs += [p.idx, p.norm, p.codebook]
     inputs += [sink_k, sink_v, tail_k, tail_v]
-    o, ml = _attend(layout, backend, inputs, nsplit, n_sink + n_tail, b * h)
+    o, ml = _attend(layout, backend, inputs, nsplit, n_sink + n_tail, b * h, mma)
     if sinks is None:
         sink_logits = _constant((-float("inf"),) * (h * rb), mx.float32, (h, rb))
     else:

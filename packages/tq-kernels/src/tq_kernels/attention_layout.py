@@ -4,7 +4,7 @@ generated for, and the inputs a layout's kernel takes."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 __all__ = [
     "ATTEND_THREADS",
@@ -71,6 +71,15 @@ class AttendLayout:
 
         if self.raw and any(p.prod or p.width & (p.width - 1) for p in self.keys):
             raise ValueError("raw queries need mse keys in power-of-two parts")
+
+    def __hash__(self) -> int:
+        # Kernel caches look a layout up several times per decode step and layer: hash the
+        # nested fields once.
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash(tuple(getattr(self, f.name) for f in fields(self)))
+            object.__setattr__(self, "_hash", h)
+        return h
 
     def input_names(self) -> tuple[str, ...]:
         names = ["q", "params", "counts"] if self.raw else ["q", "qf", "counts"]
