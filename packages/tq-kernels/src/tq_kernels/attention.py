@@ -38,6 +38,8 @@ __all__ = [
     "split_plan",
     "fp_splits",
     "counts_values",
+    "tensor_core_splits",
+    "MMA_MIN_CHUNK",
 ]
 
 MAX_ATTEND_ROWS = ROW_BUCKETS[-1]
@@ -125,8 +127,30 @@ def _uses_mma(layout: AttendLayout, backend: str) -> bool:
     return MMA_ATTEND and _mma_applies(layout, backend)
 
 
-#: Asked twice per decode step and layer: its budget arithmetic cost ~20 us of host time.
+#: Asked every decode step and layer: its budget arithmetic cost ~20 us of host time.
 _mma_applies = cache(mma_applies)
+
+#: The tensor-core splits pay a fixed cost per split (pair tables, query fragments, the
+#: warps' meet): below this many packed tokens a split (8 steps of 16 tokens per warp) the
+#: SIMT body was as fast or faster on the H100 (4K-16K, docs/kvcache.md).
+MMA_MIN_CHUNK = 1024
+
+
+def _plan(layout: AttendLayout, backend: str, n_packed: int, heads: int):
+    """(tensor cores, tokens per split, splits) of one attend launch."""
+    if _uses_mma(layout, backend):
+        chunk, nsplit = split_plan(n_packed, heads, _MMA_TARGET_GROUPS)
+        if chunk >= MMA_MIN_CHUNK:
+            return True, chunk, nsplit
+    return (False, *split_plan(n_packed, heads))
+
+
+def tensor_core_splits(layout: AttendLayout, n_packed: int, heads: int) -> bool:
+    """Whether an attend launch of ``layout`` over ``n_packed`` tokens and ``heads`` (batch
+    x KV heads) columns runs its packed splits on the tensor cores (so a caller can tell
+    the two compiled variants apart)."""
+    backend = kernel_backend()
+    return backend is not None and _plan(layout, backend, n_packed, heads)[0]
 
 
 #: Threadgroups per SM the CUDA compiler is asked to fit (``__launch_bounds__``; 0: its own
@@ -326,8 +350,7 @@ def raw_kv_attention(
     dv = sum(p.width for p in values)
     if layout is None:
         layout = raw_layout(keys, values, queries.shape, kperm is not None, vperm is not None)
-    mma = _uses_mma(layout, backend)
-    chunk, nsplit = split_plan(n_packed, b * h, _MMA_TARGET_GROUPS if mma else None)
+    mma, chunk, nsplit = _plan(layout, backend, n_packed, b * h)
     sink_k, sink_v, tail_k, tail_v, n_sink, n_tail = _fp_inputs(fp_segments, b, h, dk, dv)
     counts = _constant(
         counts_values(chunk, n_sink, n_tail, L, causal, rows, h, sinks is not None), mx.int32
@@ -395,8 +418,7 @@ def packed_kv_attention(
         q, qf = mx.pad(q, pad), mx.pad(qf, pad)
     probe = keys[0].idx if keys[0].bits else keys[0].sgn
     n_packed = probe.shape[2]
-    mma = _uses_mma(layout, backend)
-    chunk, nsplit = split_plan(n_packed, b * h, _MMA_TARGET_GROUPS if mma else None)
+    mma, chunk, nsplit = _plan(layout, backend, n_packed, b * h)
 
     sink_k, sink_v, tail_k, tail_v, n_sink, n_tail = _fp_inputs(fp_segments, b, h, dk, dv)
     counts = _constant(counts_values(chunk, n_sink, n_tail, queries_per_head, causal), mx.int32)

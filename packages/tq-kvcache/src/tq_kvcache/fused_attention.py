@@ -26,6 +26,7 @@ from tq_kernels.attention import (
     raw_kv_attention,
     raw_layout,
     raw_queries_apply,
+    tensor_core_splits,
 )
 
 from .codec import KVCodec, _gather_channels, _scatter_channels
@@ -163,7 +164,12 @@ def fused_cache_attention(queries, cache, scale: float, mask=None, sinks=None):
             out = _prepared_attention(
                 queries, scale, keys, values, fp_segments, mask, sinks, k_codec, v_codec
             )
+        # One entry per compiled variant: the tensor-core splits are another kernel that
+        # takes over once the context is long enough, and must be verified in turn.
+        n_packed = next(iter(k_codes.values())).shape[2]
+        mma = raw and tensor_core_splits(layout, n_packed, b * kv_heads)
         key = (k_codec.bits, k_codec.mode, v_codec.bits, dk, v_codec.dim, rep * L, queries.dtype)
+        key += (mma,)
         if key not in _verified:
             mx.eval(out)
             _verified.add(key)
