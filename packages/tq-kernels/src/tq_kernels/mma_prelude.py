@@ -1,6 +1,6 @@
-"""CUDA tensor-core helper text for kernel headers: inline PTX for ``ldmatrix`` (plain and
-transposed), ``mma.sync`` m16n8k16 (fp16 in, fp32 accumulate), float16 pair packing, funnel
-shifts and warp syncs (sm_80+). Metal has simdgroup matrices with another fragment layout,
+"""CUDA tensor-core helper text for kernel headers: inline PTX for ``mma.sync`` m16n8k16
+(fp16 in, fp32 accumulate), float16 pair packing and hi/lo splitting, funnel shifts and
+warp syncs (sm_80+). Metal has simdgroup matrices with another fragment layout,
 so nothing here has a Metal counterpart; kernels use it on CUDA only."""
 
 from __future__ import annotations
@@ -10,31 +10,6 @@ __all__ = ["MMA_HELPERS"]
 MMA_HELPERS = r"""
 // Tensor-core helpers (CUDA sm_80+). The host-side branch only lets the kernel text be
 // syntax-checked by a C++ compiler (tests/test_kernel_text.py); it never runs.
-TQ_INLINE unsigned tq_smem(const void* p) {
-#if defined(__CUDA_ARCH__)
-  unsigned a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-  return a;
-#else
-  return (unsigned)(size_t)p;
-#endif
-}
-TQ_INLINE void tq_ldsm_x4(unsigned* a, unsigned addr) {
-#if defined(__CUDA_ARCH__)
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3]) : "r"(addr) : "memory");
-#else
-  a[0] = a[1] = a[2] = a[3] = addr;
-#endif
-}
-TQ_INLINE void tq_ldsm_x4_t(unsigned* a, unsigned addr) {
-#if defined(__CUDA_ARCH__)
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3]) : "r"(addr) : "memory");
-#else
-  a[0] = a[1] = a[2] = a[3] = addr;
-#endif
-}
 // c[16 x 8] += a[16 x 16] b[16 x 8], fp16 inputs, fp32 accumulators (PTX fragment layout).
 TQ_INLINE void tq_mma16816(float* c, const unsigned* a, const unsigned* b) {
 #if defined(__CUDA_ARCH__)
