@@ -123,10 +123,6 @@ def _compiled(source: tuple, backend: str, row_contiguous: bool):
 MMA_ATTEND = os.environ.get("TQ_ATTEND_MMA", "1") != "0"
 
 
-def _uses_mma(layout: AttendLayout, backend: str) -> bool:
-    return MMA_ATTEND and _mma_applies(layout, backend)
-
-
 #: Asked every decode step and layer: its budget arithmetic cost ~20 us of host time.
 _mma_applies = cache(mma_applies)
 
@@ -137,12 +133,20 @@ MMA_MIN_CHUNK = 1024
 
 
 def _plan(layout: AttendLayout, backend: str, n_packed: int, heads: int):
-    """(tensor cores, tokens per split, splits) of one attend launch."""
-    if _uses_mma(layout, backend):
-        chunk, nsplit = split_plan(n_packed, heads, _MMA_TARGET_GROUPS)
-        if chunk >= MMA_MIN_CHUNK:
+    """(tensor cores, tokens per split, splits) of one attend launch (the same between two
+    flushes of a cache: looked up, with the module's knobs in the key)."""
+    knobs = (MMA_ATTEND, MMA_MIN_CHUNK, _MMA_TARGET_GROUPS, _TARGET_GROUPS)
+    return _plan_for(layout, backend, n_packed, heads, knobs)
+
+
+@lru_cache(maxsize=1024)
+def _plan_for(layout, backend, n_packed, heads, knobs):
+    mma_on, min_chunk, mma_groups, groups = knobs
+    if mma_on and _mma_applies(layout, backend):
+        chunk, nsplit = split_plan(n_packed, heads, mma_groups)
+        if chunk >= min_chunk:
             return True, chunk, nsplit
-    return (False, *split_plan(n_packed, heads))
+    return (False, *split_plan(n_packed, heads, groups))
 
 
 def tensor_core_splits(layout: AttendLayout, n_packed: int, heads: int) -> bool:
