@@ -19,6 +19,9 @@ def test_attention_rows_compare_every_cache():
         assert r["us_per_call"] > 0 and r["cache_bytes"] < fp16["cache_bytes"]
         assert r["compression_vs_fp16"] == pytest.approx(fp16["cache_bytes"] / r["cache_bytes"])
     assert "compression" in bench_kv.render({"attention": rows})
+    # Each TurboQuant row says which attention path it timed (the reference on the CPU).
+    assert [r.get("attend_path") for r in rows] == [None, None, "reference", "reference"]
+    assert "reference" in bench_kv.render({"attention": rows})
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,45 @@ def _filled_cache(b, h, d, n, dtype=mx.float16, seed=0, extra=0, **knobs):
     return cache
 
 
+def test_routing_between_kernel_paths_with_stubbed_kernels(monkeypatch):
+    """Which path a decode call takes (tensor cores, SIMT body, reference), checked on any
+    device: the backend is pretended and the kernels return zeros of their shapes, so the
+    routing and the launch plumbing run, not the kernels (the GPU tests check those)."""
+    import tq_kernels.attention as attention
+    import tq_kvcache.fused_attention as fused
+
+    def stub(*_):
+        return lambda inputs, output_shapes, output_dtypes, **_: [
+            mx.zeros(shape, dtype) for shape, dtype in zip(output_shapes, output_dtypes)
+        ]
+
+    monkeypatch.setattr(fused, "fused_attention_enabled", lambda: True)
+    monkeypatch.setattr(fused, "_verified", set())
+    monkeypatch.setattr(attention, "kernel_backend", lambda: "cuda")
+    monkeypatch.setattr(attention, "_attend_kernel", stub)
+    monkeypatch.setattr(attention, "_finish_kernel", stub)
+    monkeypatch.setattr(attention, "_combine_kernel", stub)
+    monkeypatch.setattr(attention, "MMA_ATTEND", True)
+    monkeypatch.setattr(attention, "MMA_MIN_CHUNK", 512)
+    q = mx.random.normal((1, 32, 1, 64)).astype(mx.float16)
+    # 264 threadgroups over 8 KV heads: 33 splits; 9000 tokens make 512-token splits.
+    long = _filled_cache(1, 8, 64, 9000, k_bits=4, v_bits=3)
+    short = _filled_cache(1, 8, 64, 2000, k_bits=4, v_bits=3)
+    prod = _filled_cache(1, 8, 64, 9000, k_bits=3, v_bits=2, key_mode="prod")
+    assert fused.attend_path(q, long) == "tensor cores"
+    assert fused.attend_path(q, short) == "simt"
+    assert fused.attend_path(q, prod) == "simt"  # prod keys: prepared mode, SIMT splits
+    assert fused.attend_path(q, long, mask=mx.ones((1, 9001), mx.bool_)) == "reference"
+    assert fused.attend_path(mx.random.normal((1, 8, 1, 64)), _filled_cache(1, 8, 64, 20)) == (
+        "reference"  # nothing packed yet
+    )
+    for cache in (long, short, prod):
+        out = fused.fused_cache_attention(q, cache, 0.125)
+        assert out is not None and out.shape == (1, 32, 1, 64) and out.dtype == q.dtype
+    monkeypatch.setattr(attention, "MMA_ATTEND", False)
+    assert fused.attend_path(q, long) == "simt"
+
+
 def test_cpu_uses_the_reference_path():
     if fused_attention_enabled():
         pytest.skip("a GPU backend is the default device")

@@ -70,7 +70,7 @@ def _context_rows(T, settings, heads, kv_heads, head_dim, calls, repeats) -> lis
     from mlx_lm.models.base import quantized_scaled_dot_product_attention
     from tq_kernels import kernel_backend
     from tq_kvcache.attention import cache_attention, reference_cache_attention
-    from tq_kvcache.fused_attention import fused_attention_enabled
+    from tq_kvcache.fused_attention import attend_path, fused_attention_enabled
 
     scale = head_dim**-0.5
     mx.random.seed(T)
@@ -88,7 +88,7 @@ def _context_rows(T, settings, heads, kv_heads, head_dim, calls, repeats) -> lis
     sec = _per_step(
         lambda c: mx.fast.scaled_dot_product_attention(q, *c, scale=scale), kv, calls, repeats
     )
-    rows.append(("fp16", sec, dense))
+    rows.append(("fp16", sec, dense, None))
     del kv
 
     qk, qv = mx.quantize(k, group_size=64, bits=4), mx.quantize(v, group_size=64, bits=4)
@@ -106,7 +106,7 @@ def _context_rows(T, settings, heads, kv_heads, head_dim, calls, repeats) -> lis
         calls,
         repeats,
     )
-    rows.append(("mlx-lm-4bit", sec, qbytes))
+    rows.append(("mlx-lm-4bit", sec, qbytes, None))
     del qs
 
     for s in settings:
@@ -122,11 +122,13 @@ def _context_rows(T, settings, heads, kv_heads, head_dim, calls, repeats) -> lis
             if kernel_backend() is not None and mx.default_device() == mx.gpu:
                 raise RuntimeError("the fused KV attention kernels did not run (see the warning)")
             name += " (reference: no GPU)"
-        rows.append((name, sec, first.nbytes))
+        path = "reference" if s["reference"] else attend_path(q, first)
+        rows.append((name, sec, first.nbytes, path))
         del caches
     fp16, mlx4 = rows[0][1], rows[1][1]
-    return [
-        {
+    out = []
+    for kind, sec, nbytes, path in rows:
+        row = {
             "context": T,
             "kind": kind,
             "us_per_call": sec * 1e6,
@@ -135,8 +137,12 @@ def _context_rows(T, settings, heads, kv_heads, head_dim, calls, repeats) -> lis
             "speedup_vs_mlx4": mlx4 / sec,
             "compression_vs_fp16": dense / nbytes,
         }
-        for kind, sec, nbytes in rows
-    ]
+        if path is not None:
+            # TurboQuant rows: "tensor cores" or "simt" (the fused kernels' packed splits),
+            # or "reference" (mlx.core ops).
+            row["attend_path"] = path
+        out.append(row)
+    return out
 
 
 def attention_rows(contexts, settings, heads=32, kv_heads=8, head_dim=128, calls=20, repeats=3):
@@ -268,15 +274,12 @@ def render(result: dict) -> str:
                 f"{r['speedup_vs_mlx4']:.2f}x",
                 f"{r['cache_bytes'] / 2**20:.1f}",
                 f"{r['compression_vs_fp16']:.2f}x",
+                r.get("attend_path", ""),
             ]
             for r in result["attention"]
         ]
-        out.append(
-            format_table(
-                ["context", "cache", "us/step", "vs fp16", "vs mlx 4-bit", "MiB", "compression"],
-                table,
-            )
-        )
+        head = ["context", "cache", "us/step", "vs fp16", "vs mlx 4-bit", "MiB", "compression"]
+        out.append(format_table([*head, "path"], table))
     if result.get("model"):
         table = [
             [r["context"], r["kind"], "error: " + r["error"][:60], "", "", "", "", ""]

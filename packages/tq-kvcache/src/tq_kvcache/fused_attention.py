@@ -31,7 +31,7 @@ from tq_kernels.attention import (
 
 from .codec import KVCodec, _gather_channels, _scatter_channels
 
-__all__ = ["fused_cache_attention", "fused_attention_enabled"]
+__all__ = ["fused_cache_attention", "fused_attention_enabled", "attend_path"]
 
 _failed = False
 #: Layouts whose kernels have run once: MLX compiles a kernel when the graph is evaluated,
@@ -119,19 +119,23 @@ def _unrotate_values(rot: mx.array, codec: KVCodec) -> mx.array:
     return _scatter_channels(out, codec.perm)
 
 
-def fused_cache_attention(queries, cache, scale: float, mask=None, sinks=None):
-    """Attention output (B, Hq, L, Dv) from the fused kernels, or ``None``."""
-    global _failed
+def _route(queries, cache, mask):
+    """``None`` where the fused kernels do not take this call, else ``(segments, prepared,
+    layout, mma, rows)``: the cache's segments, its kernel parts, the raw-mode layout
+    (``None`` in prepared mode), whether the packed splits run on the tensor cores, and the
+    query rows per KV head."""
     if not fused_attention_enabled():
         return None
     if mask is not None and not (isinstance(mask, str) and mask == "causal"):
         return None
-    sink_k, sink_v, k_codes, v_codes, tail_k, tail_v = cache.segments()
+    segments = cache.segments()
+    _, _, k_codes, v_codes, tail_k, _ = segments
     if not k_codes:
         return None  # nothing packed yet: the reference attends over fp16 tokens only
     k_codec, v_codec = cache.codecs
     b, hq, L, dk = queries.shape
-    kv_heads = next(iter(k_codes.values())).shape[1]
+    probe = next(iter(k_codes.values()))
+    kv_heads = probe.shape[1]
     if hq % kv_heads or (hq // kv_heads) * L > MAX_ATTEND_ROWS or dk % 32:
         return None
     if L > 1 and (tail_k is None or tail_k.shape[2] < L):
@@ -140,14 +144,37 @@ def fused_cache_attention(queries, cache, scale: float, mask=None, sinks=None):
     keys, values, raw, layouts = prepared
     if keys is None or values is None or v_codec.dim % 32:
         return None
-    rep = hq // kv_heads
+    layout, mma = None, False
+    if raw:
+        layout = layouts.get(queries.shape)
+        if layout is None:
+            kp, vp = k_codec.perm is not None, v_codec.perm is not None
+            layout = layouts[queries.shape] = raw_layout(keys, values, queries.shape, kp, vp)
+        mma = tensor_core_splits(layout, probe.shape[2], b * kv_heads)
+    return segments, prepared, layout, mma, (hq // kv_heads) * L
+
+
+def attend_path(queries, cache, mask=None) -> str:
+    """Which path decode attention over ``cache`` takes for ``queries``: ``"tensor cores"``
+    or ``"simt"`` (the fused kernels' packed splits) or ``"reference"``."""
+    route = _route(queries, cache, mask)
+    if route is None:
+        return "reference"
+    return "tensor cores" if route[3] else "simt"
+
+
+def fused_cache_attention(queries, cache, scale: float, mask=None, sinks=None):
+    """Attention output (B, Hq, L, Dv) from the fused kernels, or ``None``."""
+    global _failed
+    route = _route(queries, cache, mask)
+    if route is None:
+        return None
+    (sink_k, sink_v, _, _, tail_k, tail_v), prepared, layout, mma, rows = route
+    keys, values, raw, _ = prepared
+    k_codec, v_codec = cache.codecs
     fp_segments = (sink_k, sink_v, tail_k, tail_v)
     try:
         if raw:
-            layout = layouts.get(queries.shape)
-            if layout is None:
-                kp, vp = k_codec.perm is not None, v_codec.perm is not None
-                layout = layouts[queries.shape] = raw_layout(keys, values, queries.shape, kp, vp)
             out = raw_kv_attention(
                 queries,
                 scale,
@@ -166,9 +193,8 @@ def fused_cache_attention(queries, cache, scale: float, mask=None, sinks=None):
             )
         # One entry per compiled variant: the tensor-core splits are another kernel that
         # takes over once the context is long enough, and must be verified in turn.
-        n_packed = next(iter(k_codes.values())).shape[2]
-        mma = raw and tensor_core_splits(layout, n_packed, b * kv_heads)
-        key = (k_codec.bits, k_codec.mode, v_codec.bits, dk, v_codec.dim, rep * L, queries.dtype)
+        dk = queries.shape[-1]
+        key = (k_codec.bits, k_codec.mode, v_codec.bits, dk, v_codec.dim, rows, queries.dtype)
         key += (mma,)
         if key not in _verified:
             mx.eval(out)
