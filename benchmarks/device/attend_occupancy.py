@@ -1,5 +1,5 @@
 """Packed-KV decode attention per step with the attend kernel compiled for 1-4 threadgroups
-per SM (``__launch_bounds__``, :data:`tq_kernels.attention.ATTEND_MIN_BLOCKS`), SIMT and
+per SM (``__launch_bounds__``, :data:`tq_kernels.attention_plan.ATTEND_MIN_BLOCKS`), SIMT and
 tensor-core packed splits, side by side in one process, fp16 SDPA as the reference point.
 A spill-free register cap that raises occupancy would speed a latency-bound kernel up.
 
@@ -17,6 +17,7 @@ import json
 import mlx.core as mx
 import tq_kernels.attention as attention
 import tq_kernels.attention_mma_fragments as fragments
+import tq_kernels.attention_plan as plan
 from tq_cli.atomic_write import write_text_atomic
 from tq_cli.bench_kernels import time_per_call
 from tq_cli.bench_kv import _tq_cache, parse_settings
@@ -64,9 +65,9 @@ def main():
                 for mma, nb, groups, lut_words in combos:
                     fragments.LUT_WORDS = lut_words
                     attention._attend_kernel.cache_clear()  # its text depends on LUT_WORDS
-                    attention._mma_applies.cache_clear()
-                    attention.MMA_ATTEND, attention.ATTEND_MIN_BLOCKS = mma, nb
-                    attention._TARGET_GROUPS = attention._MMA_TARGET_GROUPS = groups
+                    plan._mma_applies.cache_clear()
+                    plan.MMA_ATTEND, plan.ATTEND_MIN_BLOCKS = mma, nb
+                    plan._TARGET_GROUPS = plan._MMA_TARGET_GROUPS = groups
                     out = cache_attention(q, caches[0], 0.088).astype(mx.float32)
                     mx.eval(out)
                     ref = out if ref is None else ref
@@ -91,7 +92,7 @@ def main():
                     }
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-            attention.MMA_ATTEND, attention.ATTEND_MIN_BLOCKS = False, -1
+            plan.MMA_ATTEND, plan.ATTEND_MIN_BLOCKS = False, -1
             del caches
         del k, v
         mx.clear_cache()

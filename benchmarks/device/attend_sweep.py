@@ -14,15 +14,33 @@ import json
 import mlx.core as mx
 from tq_cli import bench_kv
 from tq_cli.atomic_write import write_text_atomic
-from tq_kernels import attention, attention_layout, attention_merge_source, attention_source
+from tq_kernels import (
+    attention,
+    attention_layout,
+    attention_merge_source,
+    attention_plan,
+    attention_source,
+)
 
 
 def configure(threads: int, groups: int) -> None:
-    for module in (attention, attention_layout, attention_source, attention_merge_source):
+    modules = (
+        attention,
+        attention_layout,
+        attention_plan,
+        attention_source,
+        attention_merge_source,
+    )
+    for module in modules:
         if hasattr(module, "ATTEND_THREADS"):
             module.ATTEND_THREADS = threads
-    attention._TARGET_GROUPS = groups
-    for fn in (attention._compiled, attention._attend_kernel, attention._finish_kernel):
+    attention_plan._TARGET_GROUPS = attention_plan._MMA_TARGET_GROUPS = groups
+    for fn in (
+        attention._compiled,
+        attention._attend_kernel,
+        attention._finish_kernel,
+        attention_plan._plan_for,
+    ):
         fn.cache_clear()
 
 

@@ -195,23 +195,23 @@ def test_tensor_core_fragment_windows_and_tables():
 
 
 def test_tensor_core_splits_only_where_splits_are_long(monkeypatch):
-    import tq_kernels.attention as attention
+    import tq_kernels.attention_plan as plan
 
     keys, values = LAYOUTS["k4v3"]
     k4v3 = _layout(keys, values, 4, 128, 128)[0]
-    monkeypatch.setattr(attention, "MMA_ATTEND", True)
-    mma, chunk, nsplit = attention._plan(k4v3, "cuda", 131072, 8)
+    monkeypatch.setattr(plan, "MMA_ATTEND", True)
+    mma, chunk, nsplit = plan.launch_plan(k4v3, "cuda", 131072, 8)
     # 264 threadgroups over 8 KV heads: 33 splits of 4096 tokens.
     assert (mma, chunk, nsplit) == (True, 4096, 32)
-    assert attention._plan(k4v3, "cuda", 4096, 8) == (False, *split_plan(4096, 8))
-    assert not attention._plan(k4v3, "metal", 131072, 8)[0]
-    assert not attention._plan(_layout(keys, values, 8, 128, 128)[0], "cuda", 131072, 8)[0]
-    monkeypatch.setattr(attention, "MMA_ATTEND", False)
-    assert not attention._plan(k4v3, "cuda", 131072, 8)[0]
+    assert plan.launch_plan(k4v3, "cuda", 4096, 8) == (False, *split_plan(4096, 8))
+    assert not plan.launch_plan(k4v3, "metal", 131072, 8)[0]
+    assert not plan.launch_plan(_layout(keys, values, 8, 128, 128)[0], "cuda", 131072, 8)[0]
+    monkeypatch.setattr(plan, "MMA_ATTEND", False)
+    assert not plan.launch_plan(k4v3, "cuda", 131072, 8)[0]
 
 
 def test_bad_min_blocks_setting_is_refused(monkeypatch):
-    from tq_kernels.attention import _env_min_blocks
+    from tq_kernels.attention_plan import _env_min_blocks
 
     for bad in ("four", "9", "-3"):
         monkeypatch.setenv("TQ_ATTEND_MIN_BLOCKS", bad)

@@ -31,6 +31,7 @@ def test_routing_between_kernel_paths_with_stubbed_kernels(monkeypatch):
     device: the backend is pretended and the kernels return zeros of their shapes, so the
     routing and the launch plumbing run, not the kernels (the GPU tests check those)."""
     import tq_kernels.attention as attention
+    import tq_kernels.attention_plan as plan
     import tq_kvcache.fused_attention as fused
 
     def stub(*_):
@@ -41,11 +42,12 @@ def test_routing_between_kernel_paths_with_stubbed_kernels(monkeypatch):
     monkeypatch.setattr(fused, "fused_attention_enabled", lambda: True)
     monkeypatch.setattr(fused, "_verified", set())
     monkeypatch.setattr(attention, "kernel_backend", lambda: "cuda")
+    monkeypatch.setattr(plan, "kernel_backend", lambda: "cuda")
     monkeypatch.setattr(attention, "_attend_kernel", stub)
     monkeypatch.setattr(attention, "_finish_kernel", stub)
     monkeypatch.setattr(attention, "_combine_kernel", stub)
-    monkeypatch.setattr(attention, "MMA_ATTEND", True)
-    monkeypatch.setattr(attention, "MMA_MIN_CHUNK", 512)
+    monkeypatch.setattr(plan, "MMA_ATTEND", True)
+    monkeypatch.setattr(plan, "MMA_MIN_CHUNK", 512)
     q = mx.random.normal((1, 32, 1, 64)).astype(mx.float16)
     # 264 threadgroups over 8 KV heads: 33 splits; 9000 tokens make 512-token splits.
     long = _filled_cache(1, 8, 64, 9000, k_bits=4, v_bits=3)
@@ -61,7 +63,7 @@ def test_routing_between_kernel_paths_with_stubbed_kernels(monkeypatch):
     for cache in (long, short, prod):
         out = fused.fused_cache_attention(q, cache, 0.125)
         assert out is not None and out.shape == (1, 32, 1, 64) and out.dtype == q.dtype
-    monkeypatch.setattr(attention, "MMA_ATTEND", False)
+    monkeypatch.setattr(plan, "MMA_ATTEND", False)
     assert fused.attend_path(q, long) == "simt"
 
 
@@ -173,10 +175,10 @@ def test_decode_through_the_cache_matches_reference():
 def test_both_packed_split_paths_match_reference(case, mma, monkeypatch):
     """The tensor-core packed splits (CUDA's default where they apply) and the SIMT body
     (Metal's, and CUDA's for 16 query rows or ``TQ_ATTEND_MMA=0``) against the reference."""
-    import tq_kernels.attention as attention
+    import tq_kernels.attention_plan as plan
 
-    monkeypatch.setattr(attention, "MMA_ATTEND", mma)
-    monkeypatch.setattr(attention, "MMA_MIN_CHUNK", 0)  # these caches are short
+    monkeypatch.setattr(plan, "MMA_ATTEND", mma)
+    monkeypatch.setattr(plan, "MMA_MIN_CHUNK", 0)  # these caches are short
     b, hq, h, d, n, extra, L, knobs = CASES[case]
     cache = _filled_cache(b, h, d, n, extra=extra, **knobs)
     q = mx.random.normal((b, hq, L, d)).astype(mx.float16)
@@ -190,7 +192,7 @@ def test_both_packed_split_paths_match_reference(case, mma, monkeypatch):
 
 @gpu
 def test_simt_packed_splits_sinks_extreme_scores_and_non_finite(monkeypatch):
-    import tq_kernels.attention as attention
+    import tq_kernels.attention_plan as plan
 
-    monkeypatch.setattr(attention, "MMA_ATTEND", False)
+    monkeypatch.setattr(plan, "MMA_ATTEND", False)
     test_sinks_extreme_scores_and_non_finite()
