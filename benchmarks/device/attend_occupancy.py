@@ -12,13 +12,12 @@ usage: python benchmarks/device/attend_occupancy.py [--contexts 32768,131072]
 from __future__ import annotations
 
 import argparse
-import json
 
 import mlx.core as mx
 import tq_kernels.attention as attention
 import tq_kernels.attention_mma_fragments as fragments
 import tq_kernels.attention_plan as plan
-from tq_cli.atomic_write import write_text_atomic
+from probe_rows import ProbeRows
 from tq_cli.bench_kernels import time_per_call
 from tq_cli.bench_kv import _tq_cache, parse_settings
 from tq_kvcache.attention import cache_attention
@@ -35,7 +34,7 @@ def main():
     ap.add_argument("--calls", type=int, default=16)
     ap.add_argument("--json")
     a = ap.parse_args()
-    rows = []
+    rows = ProbeRows("attend_occupancy", a.json)
     for T in (int(x) for x in a.contexts.split(",")):
         q = mx.random.normal((1, 32, 1, 128)).astype(mx.float16)
         k = mx.random.normal((1, 8, T, 128)).astype(mx.float16)
@@ -49,8 +48,7 @@ def main():
             3,
         )
         fp16 = sec * 1e6
-        rows.append({"context": T, "kind": "fp16", "us_per_call": round(fp16, 1)})
-        print(json.dumps(rows[-1]), flush=True)
+        rows.emit(context=T, kind="fp16", us_per_call=round(fp16, 1))
         for s in parse_settings(a.settings):
             caches = [_tq_cache(k, v, s["knobs"]) for _ in range(2)]
             ref = None
@@ -79,25 +77,22 @@ def main():
                         3,
                     )
                     rel = float(mx.abs(out - ref).max()) / float(mx.abs(ref).max())
-                    row = {
-                        "context": T,
-                        "kind": s["name"],
-                        "mma": mma,
-                        "min_blocks": nb,
-                        "groups": groups,
-                        "lut_words": lut_words,
-                        "us_per_call": round(sec * 1e6, 1),
-                        "speedup_vs_fp16": round(fp16 / (sec * 1e6), 2),
-                        "max_rel_diff_vs_first": rel,
-                    }
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+                    rows.emit(
+                        context=T,
+                        kind=s["name"],
+                        mma=mma,
+                        min_blocks=nb,
+                        groups=groups,
+                        lut_words=lut_words,
+                        us_per_call=round(sec * 1e6, 1),
+                        speedup_vs_fp16=round(fp16 / (sec * 1e6), 2),
+                        max_rel_diff_vs_first=rel,
+                    )
             plan.MMA_ATTEND, plan.ATTEND_MIN_BLOCKS = False, -1
             del caches
         del k, v
         mx.clear_cache()
-    if a.json:
-        write_text_atomic(a.json, json.dumps({"benchmark": "attend_occupancy", "rows": rows}))
+    rows.save()
 
 
 if __name__ == "__main__":

@@ -7,10 +7,9 @@ Each variant times mx.fast.scaled_dot_product_attention over one (k, v) copy, ch
 from __future__ import annotations
 
 import argparse
-import json
 
 import mlx.core as mx
-from tq_cli.atomic_write import write_text_atomic
+from probe_rows import ProbeRows
 from tq_cli.bench_kernels import time_per_call
 from tq_cli.bench_kv import _context_rows, _copies, _per_step
 
@@ -91,14 +90,11 @@ def main():
         ("bench_rows calls20", lambda: _context_rows(T, [], 32, 8, 128, 20, 3)[0]["us_per_call"]),
         ("bench_style calls20", lambda: bench_style(T, 20)),
     ]
-    rows = []
+    rows = ProbeRows("bisect_sdpa", a.json)
     for name, f in variants:
-        row = {"context": T, "variant": name, "us_per_call": round(f(), 1)}
+        rows.emit(context=T, variant=name, us_per_call=round(f(), 1))
         mx.clear_cache()
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    if a.json:
-        write_text_atomic(a.json, json.dumps({"benchmark": "bisect_sdpa", "rows": rows}) + "\n")
+    rows.save()
 
 
 if __name__ == "__main__":

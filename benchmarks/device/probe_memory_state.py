@@ -12,10 +12,9 @@ usage: python benchmarks/device/probe_memory_state.py [--context 131072] [--json
 from __future__ import annotations
 
 import argparse
-import json
 
 import mlx.core as mx
-from tq_cli.atomic_write import write_text_atomic
+from probe_rows import ProbeRows
 from tq_cli.bench_kernels import time_per_call
 from tq_cli.bench_kv import _tq_cache, parse_settings
 from tq_kvcache.attention import cache_attention
@@ -38,11 +37,8 @@ def main():
     ap.add_argument("--json")
     a = ap.parse_args()
     T = a.context
-    rows = []
-
-    def emit(**row):
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    rows = ProbeRows("memory_state", a.json)
+    emit = rows.emit
 
     x = mx.random.normal((1, 8, T, 128)).astype(mx.float16)
     mx.eval(x)
@@ -80,8 +76,7 @@ def main():
         emit(case=f"{s['name']} attention, code stores fresh copies", us=us, gb_per_s=gb)
         us, gb = _gbps(sum(t.nbytes for t in stores), lambda st=stores: [t.max() for t in st])
         emit(case=f"{s['name']} max over the code stores, fresh", us=us, gb_per_s=gb)
-    if a.json:
-        write_text_atomic(a.json, json.dumps({"benchmark": "memory_state", "rows": rows}) + "\n")
+    rows.save()
 
 
 if __name__ == "__main__":
