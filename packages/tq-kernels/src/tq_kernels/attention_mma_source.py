@@ -125,23 +125,19 @@ def _q_fragments(layout) -> list[str]:
     ]
     step = 0
     for p in layout.keys:
-        for s in range(p.width // 16):
-            ch = f"{p.qoff} + t4 * {p.width // 4} + {4 * s}"
-            lines += [
-                "      {",
-                f"        const int ch = {ch};",
-                "        float x[4];",
-                "#pragma unroll",
-                "        for (int e = 0; e < 4; ++e) {",
-                "          const float v = qr < R ? qs[qr * DQ + ch + e] : 0.0f;",
-                "          const float hv = tq_hround(v);",
-                "          x[e] = qlo ? v - hv : hv;",
-                "        }",
-                f"        qb[{step}][0] = tq_h2(x[0], x[1]);",
-                f"        qb[{step}][1] = tq_h2(x[2], x[3]);",
-                "      }",
-            ]
-            step += 1
+        lines += [
+            "#pragma unroll",
+            f"      for (int s = 0; s < {p.width // 16}; ++s) {{",
+            f"        const int ch = {p.qoff} + t4 * {p.width // 4} + 4 * s;",
+            "        float x[4];",
+            "#pragma unroll",
+            "        for (int e = 0; e < 4; ++e)",
+            "          x[e] = tq_part(qr < R ? qs[qr * DQ + ch + e] : 0.0f, qlo);",
+            f"        qb[{step} + s][0] = tq_h2(x[0], x[1]);",
+            f"        qb[{step} + s][1] = tq_h2(x[2], x[3]);",
+            "      }",
+        ]
+        step += p.width // 16
     return lines + ["    }"]
 
 

@@ -1,8 +1,8 @@
 """Kernel text as MLX compiles it: comments, indentation and blank lines removed.
 
-MLX's custom kernels rebuild and hash the whole source on every call (its CUDA backend
-hashes it again at every launch to find the compiled module), so a launch's host cost grows
-with the text: about 0.35 us per KB on the H100 host (benchmarks/device/probe_launch.py).
+MLX's custom kernels build the whole source string again for every call they record
+(``build_kernel`` in MLX's ``mlx/backend/cuda/custom_kernel.cpp``), so a launch's host cost
+grows with the text: about 0.35 us per KB on the H100 host (benchmarks/device/probe_launch.py).
 The readable text stays in the source modules; this is applied where kernels are created.
 """
 
