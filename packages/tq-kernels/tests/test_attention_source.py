@@ -219,3 +219,16 @@ def test_bad_min_blocks_setting_is_refused(monkeypatch):
             _env_min_blocks()
     monkeypatch.setenv("TQ_ATTEND_MIN_BLOCKS", "3")
     assert _env_min_blocks() == 3
+
+
+def test_bad_tensor_core_setting_is_refused(monkeypatch):
+    from tq_kernels.attention_plan import _env_mma
+
+    for bad in ("yes", "false", ""):
+        monkeypatch.setenv("TQ_ATTEND_MMA", bad)
+        with pytest.raises(ValueError, match="TQ_ATTEND_MMA"):
+            _env_mma()
+    monkeypatch.setenv("TQ_ATTEND_MMA", "0")
+    assert _env_mma() is False
+    monkeypatch.delenv("TQ_ATTEND_MMA")
+    assert _env_mma() is True

@@ -47,7 +47,14 @@ def split_plan(n_packed: int, heads: int, groups: int | None = None) -> tuple[in
 #: attention_mma_source): on by default, the H100 measured them 1.15-1.4x faster than the
 #: SIMT body at 32K-128K (docs/kvcache.md). ``TQ_ATTEND_MMA=0`` or setting this False
 #: keeps every split on the SIMT body.
-MMA_ATTEND = os.environ.get("TQ_ATTEND_MMA", "1") != "0"
+def _env_mma() -> bool:
+    text = os.environ.get("TQ_ATTEND_MMA", "1")
+    if text not in ("0", "1"):
+        raise ValueError(f"TQ_ATTEND_MMA must be 0 (SIMT body only) or 1 (default), got {text!r}")
+    return text == "1"
+
+
+MMA_ATTEND = _env_mma()
 
 
 #: Asked every decode step and layer: its budget arithmetic cost ~20 us of host time.
