@@ -6,10 +6,8 @@ Each variant times mx.fast.scaled_dot_product_attention over one (k, v) copy, ch
 
 from __future__ import annotations
 
-import argparse
-
 import mlx.core as mx
-from probe_rows import ProbeRows
+from probe_rows import context_probe
 from tq_cli.bench_kernels import time_per_call
 from tq_cli.bench_kv import _context_rows, _copies, _per_step
 
@@ -76,11 +74,7 @@ def probe_style(T, calls, scale=0.088):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--context", type=int, default=131072)
-    ap.add_argument("--json")
-    a = ap.parse_args()
-    T = a.context
+    T, rows = context_probe("bisect_sdpa")
     variants = [
         ("probe calls16", lambda: probe_style(T, 16)),
         ("via _per_step calls20", lambda: via_per_step(T, 20)),
@@ -90,7 +84,6 @@ def main():
         ("bench_rows calls20", lambda: _context_rows(T, [], 32, 8, 128, 20, 3)[0]["us_per_call"]),
         ("bench_style calls20", lambda: bench_style(T, 20)),
     ]
-    rows = ProbeRows("bisect_sdpa", a.json)
     for name, f in variants:
         rows.emit(context=T, variant=name, us_per_call=round(f(), 1))
         mx.clear_cache()

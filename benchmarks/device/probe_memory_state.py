@@ -11,10 +11,8 @@ usage: python benchmarks/device/probe_memory_state.py [--context 131072] [--json
 
 from __future__ import annotations
 
-import argparse
-
 import mlx.core as mx
-from probe_rows import ProbeRows
+from probe_rows import context_probe
 from tq_cli.bench_kernels import time_per_call
 from tq_cli.bench_kv import _tq_cache, parse_settings
 from tq_kvcache.attention import cache_attention
@@ -32,12 +30,7 @@ def _fresh(d: dict) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--context", type=int, default=131072)
-    ap.add_argument("--json")
-    a = ap.parse_args()
-    T = a.context
-    rows = ProbeRows("memory_state", a.json)
+    T, rows = context_probe("memory_state")
     emit = rows.emit
 
     x = mx.random.normal((1, 8, T, 128)).astype(mx.float16)

@@ -1,8 +1,10 @@
 """Rows of a device probe: each printed as a JSON line when measured (a probe cut off by the
-device's time limit still shows what it had) and saved together at the end, atomically."""
+device's time limit still shows what it had) and saved together at the end, atomically; and
+the ``--context`` / ``--json`` arguments the one-context probes share."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 from tq_cli.atomic_write import write_text_atomic
@@ -24,3 +26,12 @@ class ProbeRows:
         if self.path:
             doc = {"benchmark": self.name, "rows": self.rows}
             write_text_atomic(self.path, json.dumps(doc) + "\n")
+
+
+def context_probe(name: str, default: int = 131072) -> tuple[int, ProbeRows]:
+    """(context, rows) from ``--context T --json F`` on the command line."""
+    ap = argparse.ArgumentParser(description=name)
+    ap.add_argument("--context", type=int, default=default)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    return a.context, ProbeRows(name, a.json)

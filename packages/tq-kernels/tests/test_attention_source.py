@@ -210,25 +210,20 @@ def test_tensor_core_splits_only_where_splits_are_long(monkeypatch):
     assert not plan.launch_plan(k4v3, "cuda", 131072, 8)[0]
 
 
-def test_bad_min_blocks_setting_is_refused(monkeypatch):
-    from tq_kernels.attention_plan import _env_min_blocks
+@pytest.mark.parametrize(
+    "name, reader, bad, good",
+    [
+        ("TQ_ATTEND_MIN_BLOCKS", "_env_min_blocks", ("four", "9", "-3"), ("3", 3)),
+        ("TQ_ATTEND_MMA", "_env_mma", ("yes", "false", ""), ("0", False)),
+    ],
+)
+def test_bad_attend_settings_are_refused(monkeypatch, name, reader, bad, good):
+    import tq_kernels.attention_plan as plan
 
-    for bad in ("four", "9", "-3"):
-        monkeypatch.setenv("TQ_ATTEND_MIN_BLOCKS", bad)
-        with pytest.raises(ValueError, match="TQ_ATTEND_MIN_BLOCKS"):
-            _env_min_blocks()
-    monkeypatch.setenv("TQ_ATTEND_MIN_BLOCKS", "3")
-    assert _env_min_blocks() == 3
-
-
-def test_bad_tensor_core_setting_is_refused(monkeypatch):
-    from tq_kernels.attention_plan import _env_mma
-
-    for bad in ("yes", "false", ""):
-        monkeypatch.setenv("TQ_ATTEND_MMA", bad)
-        with pytest.raises(ValueError, match="TQ_ATTEND_MMA"):
-            _env_mma()
-    monkeypatch.setenv("TQ_ATTEND_MMA", "0")
-    assert _env_mma() is False
-    monkeypatch.delenv("TQ_ATTEND_MMA")
-    assert _env_mma() is True
+    read = getattr(plan, reader)
+    for text in bad:
+        monkeypatch.setenv(name, text)
+        with pytest.raises(ValueError, match=name):
+            read()
+    monkeypatch.setenv(name, good[0])
+    assert read() == good[1]
