@@ -5,7 +5,7 @@ A spill-free register cap that raises occupancy would speed a latency-bound kern
 
 usage: python benchmarks/device/attend_occupancy.py [--contexts 32768,131072]
            [--settings K4V3,K3V2] [--blocks=0,2,-1] [--mma 0,1] [--groups 528,264]
-           [--lut-words 2048,4096] [--calls 16] [--json F]
+           [--lut-words 2048,4096] [--prefetch 0,4] [--key-chains 1,2] [--calls 16] [--json F]
 (``--blocks=-1``, with ``=``: the automatic choice.)
 """
 
@@ -16,6 +16,7 @@ import argparse
 import mlx.core as mx
 import tq_kernels.attention as attention
 import tq_kernels.attention_mma_fragments as fragments
+import tq_kernels.attention_mma_source as mma_source
 import tq_kernels.attention_plan as plan
 from probe_rows import ProbeRows
 from tq_cli.bench_kernels import time_per_call
@@ -31,6 +32,8 @@ def main():
     ap.add_argument("--mma", default="0,1")
     ap.add_argument("--groups", default="528,264", help="split targets (threadgroups) to try")
     ap.add_argument("--lut-words", default="2048", help="pair-table words a part may take")
+    ap.add_argument("--prefetch", default="4", help="tensor-core L2 prefetch distances (steps)")
+    ap.add_argument("--key-chains", default="2", help="score accumulator chains to try")
     ap.add_argument("--calls", type=int, default=16)
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -53,16 +56,19 @@ def main():
             caches = [_tq_cache(k, v, s["knobs"]) for _ in range(2)]
             ref = None
             combos = [
-                (mma == "1", int(nb), int(gr), int(lw))
+                (mma == "1", int(nb), int(gr), int(lw), int(pf), int(kc))
                 for mma in a.mma.split(",")
+                for kc in (a.key_chains.split(",") if mma == "1" else ["1"])
+                for pf in (a.prefetch.split(",") if mma == "1" else ["0"])
                 for nb in a.blocks.split(",")
                 for gr in a.groups.split(",")
                 for lw in a.lut_words.split(",")
             ]
             if True:
-                for mma, nb, groups, lut_words in combos:
-                    fragments.LUT_WORDS = lut_words
-                    attention._attend_kernel.cache_clear()  # its text depends on LUT_WORDS
+                for mma, nb, groups, lut_words, pf, kc in combos:
+                    plan.MMA_PREFETCH = pf
+                    fragments.LUT_WORDS, mma_source.KEY_CHAINS = lut_words, kc
+                    attention._attend_kernel.cache_clear()  # its text depends on both
                     plan._mma_applies.cache_clear()
                     plan.MMA_ATTEND, plan.ATTEND_MIN_BLOCKS = mma, nb
                     plan._TARGET_GROUPS = plan._MMA_TARGET_GROUPS = groups
@@ -84,11 +90,14 @@ def main():
                         min_blocks=nb,
                         groups=groups,
                         lut_words=lut_words,
+                        prefetch=pf,
+                        key_chains=kc,
                         us_per_call=round(sec * 1e6, 1),
                         speedup_vs_fp16=round(fp16 / (sec * 1e6), 2),
                         max_rel_diff_vs_first=rel,
                     )
             plan.MMA_ATTEND, plan.ATTEND_MIN_BLOCKS = False, -1
+            plan.MMA_PREFETCH = 0
             del caches
         del k, v
         mx.clear_cache()

@@ -71,11 +71,17 @@ def test_prefill_is_mlx_lms_and_model_rows_compare_every_cache(tmp_path, monkeyp
         assert tok.tolist() == [prompt[-1].item()]
         assert all(c.offset == 300 for c in cache)  # the prompt, and no generated token
     assert cache[0].packed_codes()[0]  # the TurboQuant cache holds packed tokens
+    # mlx-lm's generate_step over the filled cache: the one-token prompt's step, then 4
+    # steps (generate_step computes a token ahead of the one it yields; 4 tokens yielded).
+    rate, last = bench_kv.generate_rate(model, tok, cache, 3)
+    assert rate > 0 and last.shape == (1,) and all(c.offset == 300 + 5 for c in cache)
 
     rows = bench_kv.model_rows(model, [300], [setting], decode_tokens=2, repeats=1)
     by_kind = {r["kind"]: r for r in rows}
     assert set(by_kind) == {"fp16", "mlx-lm-4bit", "K4V3"}
     tq, fp16 = by_kind["K4V3"], by_kind["fp16"]
     assert tq["decode_tok_per_s"] > 0 and tq["prefill_peak_bytes"] > 0
+    assert tq["generate_tok_per_s"] > 0
+    assert tq["generate_vs_fp16"] == tq["generate_tok_per_s"] / fp16["generate_tok_per_s"]
     assert tq["cache_bytes"] < fp16["cache_bytes"]
     assert tq["peak_vs_fp16"] == tq["prefill_peak_bytes"] / fp16["prefill_peak_bytes"]

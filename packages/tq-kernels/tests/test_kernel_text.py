@@ -195,9 +195,11 @@ def _attend_kernels(backend: str):
         for dtype, ctype in DTYPES[backend].items():
             if dtype != "float16" and layout.rows != 4:
                 continue  # each dtype once per layout is enough
-            # CUDA: the tensor-core packed splits where they apply, and the SIMT body.
+            # CUDA: the tensor-core packed splits where they apply (with L2 prefetches),
+            # and the SIMT body.
             for mma in (True, False) if mma_applies(layout, backend) else (True,):
-                name, kheader, body, inputs, outputs = attend_source(layout, backend, mma)
+                source = attend_source(layout, backend, mma, prefetch=4 if mma else 0)
+                name, kheader, body, inputs, outputs = source
                 assert header in (None, kheader)  # one header for every layout
                 header = kheader
                 args = {n: _ctype(backend, n, ctype, layout.raw) for n in inputs}

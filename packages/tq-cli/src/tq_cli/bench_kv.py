@@ -12,7 +12,9 @@ Two parts, each side by side in one run:
 - ``model`` (with ``--model DIR``): a whole model (``--random-weights``: the config's shapes,
   random fp16 weights) prefilled to each context with each cache by mlx-lm's own
   ``generate_step`` (:func:`prefill`): peak memory during prefill (``mx.get_peak_memory``),
-  cache bytes, and decode tokens/s.
+  cache bytes, and decode tokens/s twice: a loop that evaluates each token before it
+  builds the next step (host and GPU time add up), and mlx-lm's own pipelined
+  ``generate_step`` (:func:`generate_rate`), what ``mlx_lm.generate`` users get.
 """
 
 from __future__ import annotations
@@ -204,8 +206,26 @@ def _warm_up(model, kind: str, setting, prompt: mx.array) -> None:
         mx.eval(tok)
 
 
+def generate_rate(model, tok: mx.array, cache: list, tokens: int) -> tuple[float, mx.array]:
+    """(tokens/s, last token) of ``tokens`` greedy steps of mlx-lm's own ``generate_step``
+    from ``tok`` over the filled ``cache``: the loop ``mlx_lm.generate`` runs, which builds
+    step n + 1's graph while the GPU runs step n (``mx.async_eval``). The clock starts
+    after its first token (the one-token prompt's step)."""
+    from mlx_lm.generate import generate_step
+
+    steps = generate_step(tok, model, max_tokens=tokens + 1, prompt_cache=cache)
+    last, _ = next(steps)
+    t0 = time.perf_counter()
+    n = 0
+    for last, _ in steps:
+        n += 1
+    return n / (time.perf_counter() - t0), mx.array([last])
+
+
 def model_rows(model, contexts, settings, decode_tokens=32, repeats=3, progress=None):
-    """Prefill each context with each cache, then decode: peak memory, bytes, tokens/s."""
+    """Prefill each context with each cache, then decode: peak memory, bytes, tokens/s
+    (``decode``: a loop that evaluates each token before building the next step, so host
+    and GPU time add up; ``generate``: mlx-lm's pipelined ``generate_step``)."""
     rows = []
     kinds = [("fp16", None), ("mlx-lm-4bit", None)] + [(s["name"], s) for s in settings]
     vocab = model.args.vocab_size if hasattr(model, "args") else 32000
@@ -239,6 +259,11 @@ def model_rows(model, contexts, settings, decode_tokens=32, repeats=3, progress=
                         tok = mx.argmax(model(tok[:, None], cache=cache)[:, -1], axis=-1)
                         mx.eval(tok)
                     per_token.append((time.perf_counter() - t0) / decode_tokens)
+                rates = []
+                for r in range(repeats + 1):
+                    mx.synchronize()
+                    rate, tok = generate_rate(model, tok, cache, decode_tokens)
+                    rates.append(rate)
                 rows.append(
                     {
                         "context": T,
@@ -247,6 +272,7 @@ def model_rows(model, contexts, settings, decode_tokens=32, repeats=3, progress=
                         "prefill_peak_bytes": peak,
                         "cache_bytes": _cache_bytes(cache),
                         "decode_tok_per_s": 1.0 / statistics.median(per_token[1:]),
+                        "generate_tok_per_s": statistics.median(rates[1:]),
                     }
                 )
             except Exception as exc:  # e.g. MLX has no kernel for this cache on this GPU
@@ -258,6 +284,7 @@ def model_rows(model, contexts, settings, decode_tokens=32, repeats=3, progress=
         for r in rows:
             if r["context"] == T and "error" not in r and "error" not in fp16:
                 r["decode_vs_fp16"] = r["decode_tok_per_s"] / fp16["decode_tok_per_s"]
+                r["generate_vs_fp16"] = r["generate_tok_per_s"] / fp16["generate_tok_per_s"]
                 r["peak_vs_fp16"] = r["prefill_peak_bytes"] / max(fp16["prefill_peak_bytes"], 1)
     return rows
 
@@ -282,13 +309,15 @@ def render(result: dict) -> str:
         out.append(format_table([*head, "path"], table))
     if result.get("model"):
         table = [
-            [r["context"], r["kind"], "error: " + r["error"][:60], "", "", "", "", ""]
+            [r["context"], r["kind"], "error: " + r["error"][:60], *[""] * 7]
             if "error" in r
             else [
                 r["context"],
                 r["kind"],
                 f"{r['decode_tok_per_s']:.1f}",
                 f"{r['decode_vs_fp16']:.2f}x",
+                f"{r['generate_tok_per_s']:.1f}",
+                f"{r['generate_vs_fp16']:.2f}x",
                 f"{r['prefill_tok_per_s']:.0f}",
                 f"{r['prefill_peak_bytes'] / 2**20:.0f}",
                 f"{r['peak_vs_fp16']:.2f}x",
@@ -302,6 +331,8 @@ def render(result: dict) -> str:
                     "context",
                     "cache",
                     "decode tok/s",
+                    "vs fp16",
+                    "generate tok/s",
                     "vs fp16",
                     "prefill tok/s",
                     "prefill peak MiB",

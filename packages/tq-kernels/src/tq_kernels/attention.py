@@ -20,6 +20,7 @@ from .attention_layout import (
     KeyPartLayout,
     ValuePartLayout,
 )
+from . import attention_plan
 from .attention_merge_source import combine_source, finish_source
 from .attention_plan import counts_values, fp_splits, launch_plan, min_blocks, split_plan
 from .attention_plan import tensor_core_splits as tensor_core_splits
@@ -99,9 +100,12 @@ def _compiled(source: tuple, backend: str, row_contiguous: bool):
 
 
 @cache
-def _attend_kernel(layout: AttendLayout, backend: str, mma: bool, blocks_per_sm: int):
+def _attend_kernel(
+    layout: AttendLayout, backend: str, mma: bool, blocks_per_sm: int, prefetch: int = 0
+):
     # Code arrays are views sliced to the tokens held: read through their strides.
-    return _compiled(attend_source(layout, backend, mma, blocks_per_sm), backend, False)
+    source = attend_source(layout, backend, mma, blocks_per_sm, prefetch)
+    return _compiled(source, backend, False)
 
 
 def _attend(
@@ -112,7 +116,8 @@ def _attend(
     cores with ``mma``; returns the per-split partial outputs and (max, sum) rows."""
     rb, dv = layout.rows, layout.dv
     splits = nsplit + fp_splits(n_fp)
-    return _attend_kernel(layout, backend, mma, min_blocks(layout, mma))(
+    ahead = attention_plan.MMA_PREFETCH if mma else 0
+    return _attend_kernel(layout, backend, mma, min_blocks(layout, mma), ahead)(
         inputs=inputs,
         grid=(splits * ATTEND_THREADS, cols, 1),
         threadgroup=(ATTEND_THREADS, 1, 1),

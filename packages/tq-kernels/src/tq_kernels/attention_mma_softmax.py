@@ -110,13 +110,17 @@ SOFTMAX = r"""
           if (sc[j] != sc[j]) p0 = sc[j];  // NaN scores stay NaN, as in the SIMT path
           if (sc[j + 2] != sc[j + 2]) p1 = sc[j + 2];
         }
+        // Once the running max settles it rarely moves: skip the rescale when it did not
+        // (alpha is exactly 1 then).
+        if (mn != m2[j]) {
+#pragma unroll
+          for (int i = 0; i < DV / 16; ++i) {
+            acc[i][j] *= alpha;
+            acc[i][j + 2] *= alpha;
+          }
+        }
         m2[j] = mn;
         l2[j] = l2[j] * alpha + p0 + p1;
-#pragma unroll
-        for (int i = 0; i < DV / 16; ++i) {
-          acc[i][j] *= alpha;
-          acc[i][j + 2] *= alpha;
-        }
         if (t4 < 2) {
           ps[g * 4 + 2 * t4 + j] = p0;
           ps[(g + 8) * 4 + 2 * t4 + j] = p1;

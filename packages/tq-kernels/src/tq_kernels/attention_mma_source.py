@@ -35,6 +35,9 @@ __all__ = ["mma_applies", "mma_packed_code", "MMA_MAX_BITS", "MMA_MAX_ROWS"]
 MMA_MAX_BITS = 4
 #: Query rows: hi and lo halves of each row share the 8 columns of the n side.
 MMA_MAX_ROWS = 4
+#: Independent accumulator chains of a key part's score products: ``mma.sync`` into one
+#: accumulator waits for the previous product, so alternate steps feed a second one.
+KEY_CHAINS = 2
 #: Static shared memory CUDA allows a kernel.
 _CUDA_SHARED = 48 * 1024
 _WARPS = ATTEND_THREADS // 32
@@ -153,6 +156,7 @@ def _key_products(layout, kplan) -> list[str]:
             *shift1,
             f"        const int lb = {loff} + (lane & {copies - 1});",
             "        float ci[4] = {0.0f, 0.0f, 0.0f, 0.0f};",
+            "        float cj[4] = {0.0f, 0.0f, 0.0f, 0.0f};",
         ]
         for s in range(p.width // 16):
             b0, b1 = 4 * s * p.bits, (4 * s + 2) * p.bits
@@ -164,15 +168,15 @@ def _key_products(layout, kplan) -> list[str]:
                 f"          a[1] = mma_lut[lb + ({field(x1, b0, f)} << {lc})];",
                 f"          a[2] = mma_lut[lb + ({field(x0, b1, f)} << {lc})];",
                 f"          a[3] = mma_lut[lb + ({field(x1, b1, f)} << {lc})];",
-                f"          tq_mma16816(ci, a, qb[{step}]);",
+                f"          tq_mma16816({'cj' if s % 2 and KEY_CHAINS > 1 else 'ci'}, a, qb[{step}]);",
                 "        }",
             ]
             step += 1
         lines += [
-            f"        sc[0] += {name}n0 * ci[0];",
-            f"        sc[1] += {name}n0 * ci[1];",
-            f"        sc[2] += {name}n1 * ci[2];",
-            f"        sc[3] += {name}n1 * ci[3];",
+            f"        sc[0] += {name}n0 * (ci[0] + cj[0]);",
+            f"        sc[1] += {name}n0 * (ci[1] + cj[1]);",
+            f"        sc[2] += {name}n1 * (ci[2] + cj[2]);",
+            f"        sc[3] += {name}n1 * (ci[3] + cj[3]);",
             "      }",
         ]
     return lines
@@ -218,13 +222,43 @@ def _value_products(layout, vplan) -> list[str]:
     return lines
 
 
-def mma_packed_code(layout: AttendLayout, key_cb: list[int], value_cb: list[int]) -> str:
+def _prefetch_step(layout, tok: str) -> list[str]:
+    """Lines that prefetch into L2 every line of the warp's 16-token step at ``tok`` (codes
+    and norms of each key and value part), when it starts before the split's end."""
+    spans = []
+    for name, _, sw, _ in (*_key_windows(layout), *_value_windows(layout)):
+        spans += [(f"{name}_idx", sw), (f"{name}_norm", 1)]
+    lines = ["      {", f"      const int tp = {tok};", "      if (tp < end) {"]
+    lines.append("        const int tl = min(tp + 15, end - 1);")
+    for arr, row in spans:
+        lines.append(
+            f"        tq_prefetch_span(lane, {arr} + TQ_AT({arr}, tp), "
+            f"{arr} + TQ_AT({arr}, tl) + {row});"
+        )
+    return lines + ["      }", "      }"]
+
+
+def mma_packed_code(
+    layout: AttendLayout, key_cb: list[int], value_cb: list[int], prefetch: int = 0
+) -> str:
     """The packed-split branch of the attend body (returns after writing its split);
-    ``key_cb`` / ``value_cb``: each part's codebook offset in ``cb_sh``."""
+    ``key_cb`` / ``value_cb``: each part's codebook offset in ``cb_sh``; ``prefetch``: how
+    many of its steps ahead a warp prefetches into L2 (0: none)."""
     kplan, vplan, nlut = lut_plan(layout, _budget_words(layout))
+    ahead = []
+    if prefetch:
+        # The first steps are prefetched before the pair tables are filled, so their
+        # loads overlap that work; then each step asks for the one ``prefetch`` ahead.
+        ahead = [
+            "#pragma unroll 1",
+            f"    for (int s = 0; s < {prefetch}; ++s) {{",
+            *_prefetch_step(layout, "begin + warp * 16 + s * NWARPS * 16"),
+            "    }",
+        ]
     lines = [
         "  if (!fp) {",
         "    // Tensor-core packed split (attention_mma_source).",
+        *ahead,
         f"    TQ_SHARED tq_uint mma_lut[{nlut}];",
         "    TQ_SHARED float mma_p[NWARPS * 128];",
         "    TQ_SHARED float mma_ml[NWARPS * 8];",
@@ -254,6 +288,7 @@ def mma_packed_code(layout: AttendLayout, key_cb: list[int], value_cb: list[int]
         "    // step has used them, so the loads are in flight through half a step.",
         "    for (int tok0 = begin + warp * 16; tok0 < end; tok0 += NWARPS * 16) {",
         "      const int ld0 = tok0 + NWARPS * 16;",
+        *(_prefetch_step(layout, f"tok0 + {prefetch} * NWARPS * 16") if prefetch else []),
         "      float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // (token g | g + 8) x (col 2t4 | +1)",
         *_key_products(layout, kplan),
         "      if (ld0 < end) {",

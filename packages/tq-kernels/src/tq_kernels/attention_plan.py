@@ -16,6 +16,7 @@ __all__ = [
     "MMA_ATTEND",
     "MMA_MIN_CHUNK",
     "ATTEND_MIN_BLOCKS",
+    "MMA_PREFETCH",
     "split_plan",
     "fp_splits",
     "counts_values",
@@ -55,6 +56,21 @@ def _env_mma() -> bool:
 
 
 MMA_ATTEND = _env_mma()
+
+
+#: Steps (16 tokens a warp) ahead that each warp of a tensor-core split prefetches into L2
+#: (0: none): the split was bound by global-load latency with one step in flight
+#: (Nsight Compute, docs/kvcache.md). ``TQ_ATTEND_PREFETCH=N`` sets it.
+def _env_prefetch() -> int:
+    text = os.environ.get("TQ_ATTEND_PREFETCH", "4")
+    if not text.isdigit() or int(text) > 64:
+        raise ValueError(
+            f"TQ_ATTEND_PREFETCH must be an integer from 0 (off) to 64 steps, got {text!r}"
+        )
+    return int(text)
+
+
+MMA_PREFETCH = _env_prefetch()
 
 
 #: Asked every decode step and layer: its budget arithmetic cost ~20 us of host time.

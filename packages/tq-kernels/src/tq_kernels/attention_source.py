@@ -301,11 +301,13 @@ def _launch_bounds(backend: str, min_blocks: int) -> str:
     )
 
 
-def attend_source(layout: AttendLayout, backend: str, mma: bool = True, min_blocks: int = 0):
+def attend_source(
+    layout: AttendLayout, backend: str, mma: bool = True, min_blocks: int = 0, prefetch: int = 0
+):
     """(name, header, body, input names, output names) of the attend kernel for ``layout``;
-    with ``mma`` its packed splits run on the tensor cores where :func:`mma_applies`; with
-    ``min_blocks`` (CUDA) the compiler keeps registers low enough for that many
-    threadgroups per SM."""
+    with ``mma`` its packed splits run on the tensor cores where :func:`mma_applies`, each
+    warp prefetching ``prefetch`` of its steps ahead into L2; with ``min_blocks`` (CUDA) the
+    compiler keeps registers low enough for that many threadgroups per SM."""
     use_mma = mma and mma_applies(layout, backend)
     cb_off, key_code, cb_loads, key_cb, value_cb = 0, [], [], [], []
     for i, p in enumerate(layout.keys):
@@ -352,7 +354,7 @@ def attend_source(layout: AttendLayout, backend: str, mma: bool = True, min_bloc
         .replace("OUT_POS", _out_pos(layout)[0])
         .replace("HEADS_OF", f"{probe}_shape[1]")
         .replace("NPACKED_OF", f"{probe}_shape[2]")
-        .replace("MMA_PACKED", mma_packed_code(layout, key_cb, value_cb) if use_mma else "")
+        .replace("MMA_PACKED", mma_packed_code(layout, key_cb, value_cb, prefetch) if use_mma else "")
     )
     consts = (
         f"  const int NT = {ATTEND_THREADS};\n  const int R = {layout.rows};\n"

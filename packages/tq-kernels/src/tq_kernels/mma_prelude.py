@@ -1,6 +1,6 @@
 """CUDA tensor-core helper text for kernel headers: inline PTX for ``mma.sync`` m16n8k16
-(fp16 in, fp32 accumulate), float16 pair packing and hi/lo splitting, funnel shifts and
-warp syncs (sm_80+). Metal has simdgroup matrices with another fragment layout,
+(fp16 in, fp32 accumulate), float16 pair packing and hi/lo splitting, funnel shifts,
+L2 prefetches and warp syncs (sm_80+). Metal has simdgroup matrices with another fragment layout,
 so nothing here has a Metal counterpart; kernels use it on CUDA only."""
 
 from __future__ import annotations
@@ -48,6 +48,16 @@ TQ_INLINE unsigned tq_funnel(unsigned lo, unsigned hi, int s) {
   return __funnelshift_r(lo, hi, s);
 #else
   return s ? (lo >> s) | (hi << (32 - s)) : lo;
+#endif
+}
+// Lines i, i + 32, ... (128 bytes each) of the span [a, b) prefetched into L2: a hint that
+// costs no register and no scoreboard slot, so a warp can have steps in flight far ahead.
+template <typename P>
+TQ_INLINE void tq_prefetch_span(int i, const P* a, const P* b) {
+#if defined(__CUDA_ARCH__)
+  const size_t last = ((size_t)b - 1) >> 7;
+  for (size_t l = ((size_t)a >> 7) + i; l <= last; l += 32)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(__cvta_generic_to_global((const void*)(l << 7))));
 #endif
 }
 TQ_INLINE void tq_syncwarp() {
