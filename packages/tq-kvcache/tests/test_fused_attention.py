@@ -67,6 +67,54 @@ def test_routing_between_kernel_paths_with_stubbed_kernels(monkeypatch):
     assert fused.attend_path(q, long) == "simt"
 
 
+def test_decode_steps_reuse_the_kept_launch_until_it_changes(monkeypatch):
+    """Between flushes a decode step skips the routing (the launch kept on the cache), and
+    hands the kernels the cache's current fp16 tail; a flush, a new query shape or another
+    scale route afresh. Stubbed kernels on any device; the GPU test below checks values."""
+    import tq_kernels.attention as attention
+    import tq_kernels.attention_plan as plan
+    import tq_kvcache.fused_attention as fused
+
+    seen = []
+
+    def stub(*_):
+        def run(inputs, output_shapes, output_dtypes, **_):
+            seen.append(inputs)
+            return [mx.zeros(shape, dtype) for shape, dtype in zip(output_shapes, output_dtypes)]
+
+        return run
+
+    routes = []
+    real_route = fused._route
+    monkeypatch.setattr(fused, "_route", lambda *a: routes.append(1) or real_route(*a))
+    monkeypatch.setattr(fused, "fused_attention_enabled", lambda: True)
+    monkeypatch.setattr(fused, "_verified", set())
+    monkeypatch.setattr(attention, "kernel_backend", lambda: "cuda")
+    monkeypatch.setattr(plan, "kernel_backend", lambda: "cuda")
+    for name in ("_attend_kernel", "_finish_kernel", "_combine_kernel"):
+        monkeypatch.setattr(attention, name, stub)
+    cache = TurboQuantKVCache(k_bits=4, v_bits=3, sink_tokens=16, buffer=16, flush_batch=8)
+    cache.update_and_fetch(mx.random.normal((1, 2, 200, 64)), mx.random.normal((1, 2, 200, 64)))
+    q = mx.random.normal((1, 8, 1, 64))
+    fresh = []
+    for step in range(12):
+        version = cache._packed_version
+        kv = mx.random.normal((1, 2, 1, 64))
+        cache.update_and_fetch(kv, kv)
+        before = len(routes)
+        assert fused.fused_cache_attention(q, cache, 0.125).shape == (1, 8, 1, 64)
+        fresh.append(len(routes) > before)
+        assert (cache._packed_version != version) <= fresh[-1]  # a flush routes afresh
+        assert seen[-2][-1] is cache.segments()[5]  # the attend kernel got today's tail
+    assert fresh[0] and fresh.count(False) >= 8  # most steps reused the kept launch
+    before = len(routes)
+    fused.fused_cache_attention(q, cache, 0.125)
+    assert len(routes) == before
+    fused.fused_cache_attention(q, cache, 0.25)  # another scale: a new launch
+    fused.fused_cache_attention(mx.random.normal((1, 4, 1, 64)), cache, 0.25)
+    assert len(routes) == before + 2
+
+
 def test_cpu_uses_the_reference_path():
     if fused_attention_enabled():
         pytest.skip("a GPU backend is the default device")
@@ -159,14 +207,18 @@ def test_decode_through_the_cache_matches_reference():
     reference while the cache flushes the tail into packed codes."""
     cache = TurboQuantKVCache(k_bits=3, v_bits=2, sink_tokens=16, buffer=16, flush_batch=8)
     cache.update_and_fetch(mx.random.normal((1, 2, 200, 64)), mx.random.normal((1, 2, 200, 64)))
+    kept = 0
     for _ in range(20):
         k, v = mx.random.normal((1, 2, 1, 64)), mx.random.normal((1, 2, 1, 64))
         cache.update_and_fetch(k, v)
         q = mx.random.normal((1, 8, 1, 64))
+        launch = cache.__dict__.get("_tq_launch")
         got = fused_cache_attention(q, cache, 0.125)
+        kept += launch is not None and cache.__dict__.get("_tq_launch") is launch
         want = reference_cache_attention(q, cache, 0.125)
         scale = float(mx.abs(want).max())
         assert float(mx.abs(got - want).max()) / scale < 5e-3
+    assert kept >= 10  # steps between flushes ran through the launch kept on the cache
 
 
 @gpu

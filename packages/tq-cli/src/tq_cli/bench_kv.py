@@ -222,16 +222,31 @@ def generate_rate(model, tok: mx.array, cache: list, tokens: int) -> tuple[float
     return n / (time.perf_counter() - t0), mx.array([last])
 
 
+def _decode_rate(model, tok: mx.array, cache: list, tokens: int) -> tuple[float, mx.array]:
+    """(tokens/s, last token) of ``tokens`` greedy steps that each evaluate their token
+    before the next step's graph is built: host and GPU time add up."""
+    mx.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(tokens):
+        tok = mx.argmax(model(tok[:, None], cache=cache)[:, -1], axis=-1)
+        mx.eval(tok)
+    return tokens / (time.perf_counter() - t0), tok
+
+
 def model_rows(model, contexts, settings, decode_tokens=32, repeats=3, progress=None):
     """Prefill each context with each cache, then decode: peak memory, bytes, tokens/s
     (``decode``: a loop that evaluates each token before building the next step, so host
-    and GPU time add up; ``generate``: mlx-lm's pipelined ``generate_step``)."""
+    and GPU time add up; ``generate``: mlx-lm's pipelined ``generate_step``). Every cache of
+    a context is kept filled, and the decode rounds visit them in turn (one round of each
+    cache, then the next round), so a drift of the host's speed reaches every cache alike;
+    the first round is a warmup, the rest give the median."""
     rows = []
     kinds = [("fp16", None), ("mlx-lm-4bit", None)] + [(s["name"], s) for s in settings]
     vocab = model.args.vocab_size if hasattr(model, "args") else 32000
     warm = set()
     for T in contexts:
         prompt = mx.random.randint(0, vocab, (T,), key=mx.random.key(T))
+        live = {}  # kind -> [row, cache, last token, decode rates, generate rates]
         for kind, setting in kinds:
             if kind not in warm:  # compile each cache's kernels outside the timings
                 warm.add(kind)
@@ -250,36 +265,34 @@ def model_rows(model, contexts, settings, decode_tokens=32, repeats=3, progress=
                 t0 = time.perf_counter()
                 tok = prefill(model, prompt, cache)
                 prefill_s = time.perf_counter() - t0
-                peak = mx.get_peak_memory() - base
-                per_token = []
-                for r in range(repeats + 1):
-                    mx.synchronize()
-                    t0 = time.perf_counter()
-                    for _ in range(decode_tokens):
-                        tok = mx.argmax(model(tok[:, None], cache=cache)[:, -1], axis=-1)
-                        mx.eval(tok)
-                    per_token.append((time.perf_counter() - t0) / decode_tokens)
-                rates = []
-                for r in range(repeats + 1):
-                    mx.synchronize()
-                    rate, tok = generate_rate(model, tok, cache, decode_tokens)
-                    rates.append(rate)
-                rows.append(
-                    {
-                        "context": T,
-                        "kind": kind,
-                        "prefill_tok_per_s": T / prefill_s,
-                        "prefill_peak_bytes": peak,
-                        "cache_bytes": _cache_bytes(cache),
-                        "decode_tok_per_s": 1.0 / statistics.median(per_token[1:]),
-                        "generate_tok_per_s": statistics.median(rates[1:]),
-                    }
-                )
+                row = {
+                    "context": T,
+                    "kind": kind,
+                    "prefill_tok_per_s": T / prefill_s,
+                    "prefill_peak_bytes": mx.get_peak_memory() - base,
+                    "cache_bytes": _cache_bytes(cache),
+                }
+                rows.append(row)
+                live[kind] = [row, cache, tok, [], []]
             except Exception as exc:  # e.g. MLX has no kernel for this cache on this GPU
                 rows.append({"context": T, "kind": kind, "error": f"{type(exc).__name__}: {exc}"})
-                continue
-            del cache
-            mx.clear_cache()
+        for r in range(repeats + 1):
+            if progress:
+                progress(f"{T} tokens: decode round {r + 1} of {repeats + 1}")
+            for kind, entry in list(live.items()):
+                try:
+                    rate, entry[2] = _decode_rate(model, entry[2], entry[1], decode_tokens)
+                    entry[3].append(rate)
+                    rate, entry[2] = generate_rate(model, entry[2], entry[1], decode_tokens)
+                    entry[4].append(rate)
+                except Exception as exc:
+                    entry[0]["error"] = f"{type(exc).__name__}: {exc}"
+                    del live[kind]
+        for row, _, _, decode, generate in live.values():
+            row["decode_tok_per_s"] = statistics.median(decode[1:])
+            row["generate_tok_per_s"] = statistics.median(generate[1:])
+        live.clear()
+        mx.clear_cache()
         fp16 = {r["kind"]: r for r in rows if r["context"] == T}["fp16"]
         for r in rows:
             if r["context"] == T and "error" not in r and "error" not in fp16:

@@ -13,6 +13,7 @@ from functools import cache, lru_cache
 
 import mlx.core as mx
 
+from . import attention_plan
 from .attention_layout import (
     ATTEND_THREADS,
     ROW_BUCKETS,
@@ -20,7 +21,6 @@ from .attention_layout import (
     KeyPartLayout,
     ValuePartLayout,
 )
-from . import attention_plan
 from .attention_merge_source import combine_source, finish_source
 from .attention_plan import counts_values, fp_splits, launch_plan, min_blocks, split_plan
 from .attention_plan import tensor_core_splits as tensor_core_splits
@@ -33,6 +33,7 @@ __all__ = [
     "ValuePart",
     "packed_kv_attention",
     "raw_kv_attention",
+    "raw_launcher",
     "raw_layout",
     "raw_queries_apply",
     "MAX_ATTEND_ROWS",
@@ -108,22 +109,28 @@ def _attend_kernel(
     return _compiled(source, backend, False)
 
 
-def _attend(
-    layout: AttendLayout, backend: str, inputs: list, nsplit: int, n_fp: int, cols: int, mma: bool
-):
-    """One attend launch: ``nsplit`` sequence splits of the packed tokens, then the splits of
-    the ``n_fp`` fp16 tokens, per (batch x KV head) column, the packed ones on the tensor
-    cores with ``mma``; returns the per-split partial outputs and (max, sum) rows."""
+def _attend_launch(
+    layout: AttendLayout, backend: str, nsplit: int, n_fp: int, cols: int, mma: bool
+) -> tuple:
+    """(kernel, keyword arguments) of one attend launch: ``nsplit`` sequence splits of the
+    packed tokens, then the splits of the ``n_fp`` fp16 tokens, per (batch x KV head)
+    column, the packed ones on the tensor cores with ``mma``; it returns the per-split
+    partial outputs and (max, sum) rows."""
     rb, dv = layout.rows, layout.dv
     splits = nsplit + fp_splits(n_fp)
     ahead = attention_plan.MMA_PREFETCH if mma else 0
-    return _attend_kernel(layout, backend, mma, min_blocks(layout, mma), ahead)(
-        inputs=inputs,
+    kernel = _attend_kernel(layout, backend, mma, min_blocks(layout, mma), ahead)
+    return kernel, dict(
         grid=(splits * ATTEND_THREADS, cols, 1),
         threadgroup=(ATTEND_THREADS, 1, 1),
         output_shapes=[(cols, splits, rb, dv), (cols, splits, rb, 2)],
         output_dtypes=[mx.float32, mx.float32],
     )
+
+
+def _attend(layout, backend, inputs: list, nsplit: int, n_fp: int, cols: int, mma: bool):
+    kernel, launch = _attend_launch(layout, backend, nsplit, n_fp, cols, mma)
+    return kernel(inputs=inputs, **launch)
 
 
 @cache
@@ -234,44 +241,77 @@ def raw_kv_attention(
     ``vperm`` (H, D) int32: outlier-channel permutations of fractional bits; ``sinks``:
     (Hq,) attention-sink logits. Only where :func:`raw_queries_apply`. ``layout``: what
     :func:`raw_layout` returns for these arguments, when the caller keeps it between
-    steps (it is the same every token)."""
+    steps (it is the same every token). One call of what :func:`raw_launcher` returns."""
+    launch = raw_launcher(
+        queries.shape, queries.dtype, scale, keys, values, fp_segments, causal, sinks,
+        kperm, vperm, layout,
+    )  # fmt: skip
+    return launch(queries, fp_segments)
+
+
+def raw_launcher(
+    queries_shape: tuple,
+    dtype,
+    scale: float,
+    keys: tuple[KeyPart, ...],
+    values: tuple[ValuePart, ...],
+    fp_segments: tuple,
+    causal: bool,
+    sinks: mx.array | None = None,
+    kperm: mx.array | None = None,
+    vperm: mx.array | None = None,
+    layout: AttendLayout | None = None,
+):
+    """``launch(queries, fp_segments) -> output``: :func:`raw_kv_attention` with everything
+    that stays the same from one decode step to the next worked out once (kernels, launch
+    plan, constant inputs, grids). A caller may keep it while the packed codes, the query
+    shape and dtype, the sinks and the number of fp16 splits (:func:`fp_splits` of the
+    sink and tail tokens in ``fp_segments``) stay the same, and whether sinks and tail
+    tokens are present; a decode step then costs two kernel calls of host work."""
     backend = kernel_backend()
     if backend is None:
         raise RuntimeError("tq-kernels: no GPU backend (Metal or CUDA) is available")
-    b, hq, L, dk = queries.shape
+    b, hq, L, dk = queries_shape
     probe = keys[0].idx
     h, n_packed = probe.shape[1], probe.shape[2]
     rows = (hq // h) * L
     dv = sum(p.width for p in values)
     if layout is None:
-        layout = raw_layout(keys, values, queries.shape, kperm is not None, vperm is not None)
+        layout = raw_layout(keys, values, queries_shape, kperm is not None, vperm is not None)
     mma, chunk, nsplit = launch_plan(layout, backend, n_packed, b * h)
-    sink_k, sink_v, tail_k, tail_v, n_sink, n_tail = _fp_inputs(fp_segments, b, h, dk, dv)
+    n_sink, n_tail = _fp_inputs(fp_segments, b, h, dk, dv)[4:]
     counts = _constant(
         counts_values(chunk, n_sink, n_tail, L, causal, rows, h, sinks is not None), mx.int32
     )
-    inputs = [mx.contiguous(queries), _constant((float(scale),), mx.float32), counts]
+    head = [_constant((float(scale),), mx.float32), counts]
+    parts = []
     for p in keys:
-        inputs += [p.idx, p.norm, p.codebook, p.signs]
+        parts += [p.idx, p.norm, p.codebook, p.signs]
     if kperm is not None:
-        inputs.append(kperm)
+        parts.append(kperm)
     for p in values:
-        inputs += [p.idx, p.norm, p.codebook]
-    inputs += [sink_k, sink_v, tail_k, tail_v]
-    o, ml = _attend(layout, backend, inputs, nsplit, n_sink + n_tail, b * h, mma)
-    finish = [o, ml, sinks.astype(mx.float32) if sinks is not None else counts, counts]
-    finish += [p.signs for p in values]
+        parts += [p.idx, p.norm, p.codebook]
+    finish_in = [sinks.astype(mx.float32) if sinks is not None else counts, counts]
+    finish_in += [p.signs for p in values]
     if vperm is not None:
-        finish.append(vperm)
-    (out,) = _finish_kernel(layout, backend)(
-        inputs=finish,
-        template=[("T", queries.dtype)],
+        finish_in.append(vperm)
+    attend, attend_args = _attend_launch(layout, backend, nsplit, n_sink + n_tail, b * h, mma)
+    finish = _finish_kernel(layout, backend)
+    finish_args = dict(
+        template=[("T", dtype)],
         grid=(rows * ATTEND_THREADS, b * h, 1),
         threadgroup=(ATTEND_THREADS, 1, 1),
         output_shapes=[(b, hq, L, dv)],
-        output_dtypes=[queries.dtype],
+        output_dtypes=[dtype],
     )
-    return out
+
+    def launch(queries: mx.array, fp_segments: tuple) -> mx.array:
+        sink_k, sink_v, tail_k, tail_v = _fp_inputs(fp_segments, b, h, dk, dv)[:4]
+        inputs = [mx.contiguous(queries), *head, *parts, sink_k, sink_v, tail_k, tail_v]
+        o, ml = attend(inputs=inputs, **attend_args)
+        return finish(inputs=[o, ml, *finish_in], **finish_args)[0]
+
+    return launch
 
 
 def packed_kv_attention(

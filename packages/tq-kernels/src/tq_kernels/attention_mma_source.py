@@ -160,6 +160,7 @@ def _key_products(layout, kplan) -> list[str]:
         ]
         for s in range(p.width // 16):
             b0, b1 = 4 * s * p.bits, (4 * s + 2) * p.bits
+            chain = "cj" if s % 2 and KEY_CHAINS > 1 else "ci"
             f = 2 * p.bits
             lines += [
                 "        {",
@@ -168,7 +169,7 @@ def _key_products(layout, kplan) -> list[str]:
                 f"          a[1] = mma_lut[lb + ({field(x1, b0, f)} << {lc})];",
                 f"          a[2] = mma_lut[lb + ({field(x0, b1, f)} << {lc})];",
                 f"          a[3] = mma_lut[lb + ({field(x1, b1, f)} << {lc})];",
-                f"          tq_mma16816({'cj' if s % 2 and KEY_CHAINS > 1 else 'ci'}, a, qb[{step}]);",
+                f"          tq_mma16816({chain}, a, qb[{step}]);",
                 "        }",
             ]
             step += 1

@@ -354,7 +354,9 @@ def attend_source(
         .replace("OUT_POS", _out_pos(layout)[0])
         .replace("HEADS_OF", f"{probe}_shape[1]")
         .replace("NPACKED_OF", f"{probe}_shape[2]")
-        .replace("MMA_PACKED", mma_packed_code(layout, key_cb, value_cb, prefetch) if use_mma else "")
+        .replace(
+            "MMA_PACKED", mma_packed_code(layout, key_cb, value_cb, prefetch) if use_mma else ""
+        )
     )
     consts = (
         f"  const int NT = {ATTEND_THREADS};\n  const int R = {layout.rows};\n"

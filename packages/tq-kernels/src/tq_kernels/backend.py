@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from functools import cache
+
 import mlx.core as mx
 
 
+@cache  # asked on every decode step and layer; a process's MLX build does not change
 def kernel_backend() -> str | None:
     """``"metal"`` or ``"cuda"`` when MLX has that GPU backend available, else ``None``
     (CPU-only builds run tq-core's reference path)."""
