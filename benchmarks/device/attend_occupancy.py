@@ -5,7 +5,7 @@ A spill-free register cap that raises occupancy would speed a latency-bound kern
 
 usage: python benchmarks/device/attend_occupancy.py [--contexts 32768,131072]
            [--settings K4V3,K3V2] [--blocks=0,2,-1] [--mma 0,1] [--groups 528,264]
-           [--lut-words 2048,4096] [--prefetch 0,4] [--key-chains 1,2] [--calls 16] [--json F]
+           [--lut-words 2048,4096] [--prefetch 0,4] [--key-chains 1,2] [--min-chunk N] [--calls 16] [--json F]
 (``--blocks=-1``, with ``=``: the automatic choice.)
 """
 
@@ -34,10 +34,13 @@ def main():
     ap.add_argument("--lut-words", default="2048", help="pair-table words a part may take")
     ap.add_argument("--prefetch", default="4", help="tensor-core L2 prefetch distances (steps)")
     ap.add_argument("--key-chains", default="2", help="score accumulator chains to try")
+    ap.add_argument("--min-chunk", type=int, help="MMA_MIN_CHUNK (packed tokens a split)")
     ap.add_argument("--calls", type=int, default=16)
     ap.add_argument("--json")
     a = ap.parse_args()
     rows = ProbeRows("attend_occupancy", a.json)
+    if a.min_chunk is not None:
+        plan.MMA_MIN_CHUNK = a.min_chunk
     for T in (int(x) for x in a.contexts.split(",")):
         q = mx.random.normal((1, 32, 1, 128)).astype(mx.float16)
         k = mx.random.normal((1, 8, T, 128)).astype(mx.float16)
