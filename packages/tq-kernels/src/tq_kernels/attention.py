@@ -230,22 +230,18 @@ def raw_kv_attention(
     values: tuple[ValuePart, ...],
     fp_segments: tuple,
     causal: bool,
-    sinks: mx.array | None = None,
-    kperm: mx.array | None = None,
-    vperm: mx.array | None = None,
-    layout: AttendLayout | None = None,
+    **options,
 ) -> mx.array:
     """The attention output (B, Hq, L, Dv) in ``queries.dtype`` from the model's raw queries
     (B, Hq, L, Dk): the kernels scale, permute and rotate the queries, and un-rotate and
-    permute back the output themselves, so a decode step is two launches. ``kperm`` /
-    ``vperm`` (H, D) int32: outlier-channel permutations of fractional bits; ``sinks``:
-    (Hq,) attention-sink logits. Only where :func:`raw_queries_apply`. ``layout``: what
-    :func:`raw_layout` returns for these arguments, when the caller keeps it between
-    steps (it is the same every token). One call of what :func:`raw_launcher` returns."""
+    permute back the output themselves, so a decode step is two launches. ``options``
+    (keywords of :func:`raw_launcher`): ``sinks`` (Hq,) attention-sink logits, ``kperm`` /
+    ``vperm`` (H, D) int32 outlier-channel permutations of fractional bits, ``layout``
+    (what :func:`raw_layout` returns, when the caller keeps it between steps). Only where
+    :func:`raw_queries_apply`. One call of what :func:`raw_launcher` returns."""
     launch = raw_launcher(
-        queries.shape, queries.dtype, scale, keys, values, fp_segments, causal, sinks,
-        kperm, vperm, layout,
-    )  # fmt: skip
+        queries.shape, queries.dtype, scale, keys, values, fp_segments, causal, **options
+    )
     return launch(queries, fp_segments)
 
 
