@@ -5,7 +5,8 @@ A spill-free register cap that raises occupancy would speed a latency-bound kern
 
 usage: python benchmarks/device/attend_occupancy.py [--contexts 32768,131072]
            [--settings K4V3,K3V2] [--blocks=0,2,-1] [--mma 0,1] [--groups 528,264]
-           [--lut-words 2048,4096] [--prefetch 0,4] [--key-chains 1,2] [--min-chunk N] [--calls 16] [--json F]
+           [--lut-words 2048,4096] [--prefetch 0,4] [--key-chains 1,2] [--min-chunk N]
+           [--calls 16] [--json F]
 (``--blocks=-1``, with ``=``: the automatic choice.)
 """
 

@@ -3,7 +3,7 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from tq_kernels import kernel_backend
+from tq_kernels import kernel_backend, zeros_kernel, zeros_kernel_factory
 from tq_kvcache.attention import reference_cache_attention
 from tq_kvcache.cache import TurboQuantKVCache
 from tq_kvcache.fused_attention import fused_attention_enabled, fused_cache_attention
@@ -26,26 +26,28 @@ def _filled_cache(b, h, d, n, dtype=mx.float16, seed=0, extra=0, **knobs):
     return cache
 
 
-def test_routing_between_kernel_paths_with_stubbed_kernels(monkeypatch):
-    """Which path a decode call takes (tensor cores, SIMT body, reference), checked on any
-    device: the backend is pretended and the kernels return zeros of their shapes, so the
-    routing and the launch plumbing run, not the kernels (the GPU tests check those)."""
+def _pretend_cuda(monkeypatch, kernel_factory):
+    """The CUDA backend pretended and the attention kernels replaced by ``kernel_factory``."""
     import tq_kernels.attention as attention
     import tq_kernels.attention_plan as plan
     import tq_kvcache.fused_attention as fused
-
-    def stub(*_):
-        return lambda inputs, output_shapes, output_dtypes, **_: [
-            mx.zeros(shape, dtype) for shape, dtype in zip(output_shapes, output_dtypes)
-        ]
 
     monkeypatch.setattr(fused, "fused_attention_enabled", lambda: True)
     monkeypatch.setattr(fused, "_verified", set())
     monkeypatch.setattr(attention, "kernel_backend", lambda: "cuda")
     monkeypatch.setattr(plan, "kernel_backend", lambda: "cuda")
-    monkeypatch.setattr(attention, "_attend_kernel", stub)
-    monkeypatch.setattr(attention, "_finish_kernel", stub)
-    monkeypatch.setattr(attention, "_combine_kernel", stub)
+    for name in ("_attend_kernel", "_finish_kernel", "_combine_kernel"):
+        monkeypatch.setattr(attention, name, kernel_factory)
+
+
+def test_routing_between_kernel_paths_with_stubbed_kernels(monkeypatch):
+    """Which path a decode call takes (tensor cores, SIMT body, reference), checked on any
+    device: the backend is pretended and the kernels return zeros of their shapes, so the
+    routing and the launch plumbing run, not the kernels (the GPU tests check those)."""
+    import tq_kernels.attention_plan as plan
+    import tq_kvcache.fused_attention as fused
+
+    _pretend_cuda(monkeypatch, zeros_kernel_factory)
     monkeypatch.setattr(plan, "MMA_ATTEND", True)
     monkeypatch.setattr(plan, "MMA_MIN_CHUNK", 512)
     q = mx.random.normal((1, 32, 1, 64)).astype(mx.float16)
@@ -71,28 +73,18 @@ def test_decode_steps_reuse_the_kept_launch_until_it_changes(monkeypatch):
     """Between flushes a decode step skips the routing (the launch kept on the cache), and
     hands the kernels the cache's current fp16 tail; a flush, a new query shape or another
     scale route afresh. Stubbed kernels on any device; the GPU test below checks values."""
-    import tq_kernels.attention as attention
-    import tq_kernels.attention_plan as plan
     import tq_kvcache.fused_attention as fused
 
     seen = []
 
-    def stub(*_):
-        def run(inputs, output_shapes, output_dtypes, **_):
-            seen.append(inputs)
-            return [mx.zeros(shape, dtype) for shape, dtype in zip(output_shapes, output_dtypes)]
+    def recording(inputs, **launch):
+        seen.append(inputs)
+        return zeros_kernel(inputs, **launch)
 
-        return run
-
+    _pretend_cuda(monkeypatch, lambda *_: recording)
     routes = []
     real_route = fused._route
     monkeypatch.setattr(fused, "_route", lambda *a: routes.append(1) or real_route(*a))
-    monkeypatch.setattr(fused, "fused_attention_enabled", lambda: True)
-    monkeypatch.setattr(fused, "_verified", set())
-    monkeypatch.setattr(attention, "kernel_backend", lambda: "cuda")
-    monkeypatch.setattr(plan, "kernel_backend", lambda: "cuda")
-    for name in ("_attend_kernel", "_finish_kernel", "_combine_kernel"):
-        monkeypatch.setattr(attention, name, stub)
     cache = TurboQuantKVCache(k_bits=4, v_bits=3, sink_tokens=16, buffer=16, flush_batch=8)
     cache.update_and_fetch(mx.random.normal((1, 2, 200, 64)), mx.random.normal((1, 2, 200, 64)))
     q = mx.random.normal((1, 8, 1, 64))

@@ -14,6 +14,7 @@ from .matvec import (
 from .ops import rotating_matmul_plan, rotating_weight_matmul, weight_gather_matmul, weight_matmul
 from .register import register_all
 from .sources import OPS, kernel_source
+from .stub_kernels import zeros_kernel, zeros_kernel_factory
 
 __version__ = "0.1.0"
 
@@ -38,4 +39,6 @@ __all__ = [
     "rotating_weight_matmul",
     "weight_gather_matmul",
     "weight_matmul",
+    "zeros_kernel",
+    "zeros_kernel_factory",
 ]
