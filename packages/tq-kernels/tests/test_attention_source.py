@@ -215,6 +215,7 @@ def test_tensor_core_splits_only_where_splits_are_long(monkeypatch):
     [
         ("TQ_ATTEND_MIN_BLOCKS", "_env_min_blocks", ("four", "9", "-3"), ("3", 3)),
         ("TQ_ATTEND_MMA", "_env_mma", ("yes", "false", ""), ("0", False)),
+        ("TQ_ATTEND_PREFETCH", "_env_prefetch", ("four", "-1", "65", ""), ("8", 8)),
     ],
 )
 def test_bad_attend_settings_are_refused(monkeypatch, name, reader, bad, good):
@@ -227,3 +228,18 @@ def test_bad_attend_settings_are_refused(monkeypatch, name, reader, bad, good):
             read()
     monkeypatch.setenv(name, good[0])
     assert read() == good[1]
+
+
+def test_l2_prefetch_is_in_the_tensor_core_text_only_when_asked():
+    """``prefetch`` steps ahead: the tensor-core splits ask for the lines of every key and
+    value part's codes and norms, once in the prologue loop and once a step; the SIMT body
+    and ``prefetch=0`` carry none, and the kernel names tell the variants apart."""
+    k4v3 = _layout((KeyPart(128, 4),), (ValuePart(128, 3, None, None, None),), 4, 128, 128)[0]
+    off, on = (attend_source(k4v3, "cuda", True, prefetch=n) for n in (0, 4))
+    simt = attend_source(k4v3, "cuda", False, prefetch=4)
+    assert "tq_prefetch_span(lane" not in off[2] + simt[2]
+    body = on[2]
+    for arr in ("k0_idx", "k0_norm", "v0_idx", "v0_norm"):
+        assert body.count(f"tq_prefetch_span(lane, {arr} + ") == 2
+    assert "for (int s = 0; s < 4; ++s)" in body and "tok0 + 4 * NWARPS * 16" in body
+    assert len({off[0], on[0], simt[0]}) == 3

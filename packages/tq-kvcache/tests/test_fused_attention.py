@@ -71,8 +71,10 @@ def test_routing_between_kernel_paths_with_stubbed_kernels(monkeypatch):
 
 def test_decode_steps_reuse_the_kept_launch_until_it_changes(monkeypatch):
     """Between flushes a decode step skips the routing (the launch kept on the cache), and
-    hands the kernels the cache's current fp16 tail; a flush, a new query shape or another
-    scale route afresh. Stubbed kernels on any device; the GPU test below checks values."""
+    hands the kernels the cache's current fp16 tail; a flush, a new query shape, another
+    scale or a changed launch knob route afresh. Stubbed kernels on any device; the GPU test
+    below checks values."""
+    import tq_kernels.attention_plan as plan
     import tq_kvcache.fused_attention as fused
 
     seen = []
@@ -105,6 +107,9 @@ def test_decode_steps_reuse_the_kept_launch_until_it_changes(monkeypatch):
     fused.fused_cache_attention(q, cache, 0.25)  # another scale: a new launch
     fused.fused_cache_attention(mx.random.normal((1, 4, 1, 64)), cache, 0.25)
     assert len(routes) == before + 2
+    monkeypatch.setattr(plan, "MMA_PREFETCH", 2)  # a launch knob: the kept launch is stale
+    fused.fused_cache_attention(mx.random.normal((1, 4, 1, 64)), cache, 0.25)
+    assert len(routes) == before + 3
 
 
 def test_cpu_uses_the_reference_path():

@@ -17,6 +17,7 @@ __all__ = [
     "MMA_MIN_CHUNK",
     "ATTEND_MIN_BLOCKS",
     "MMA_PREFETCH",
+    "knobs",
     "split_plan",
     "fp_splits",
     "counts_values",
@@ -59,10 +60,10 @@ MMA_ATTEND = _env_mma()
 
 
 #: Steps (16 tokens a warp) ahead that each warp of a tensor-core split prefetches into L2
-#: (0: none): the split was bound by global-load latency with one step in flight
-#: (Nsight Compute, docs/kvcache.md). ``TQ_ATTEND_PREFETCH=N`` sets it.
+#: (0: none, the default). Off until a GPU has timed it: the runs of stop 18 had no prefetch
+#: in the kernel text (a shadowed argument, docs/kvcache.md). ``TQ_ATTEND_PREFETCH=N``.
 def _env_prefetch() -> int:
-    text = os.environ.get("TQ_ATTEND_PREFETCH", "4")
+    text = os.environ.get("TQ_ATTEND_PREFETCH", "0")
     if not text.isdigit() or int(text) > 64:
         raise ValueError(
             f"TQ_ATTEND_PREFETCH must be an integer from 0 (off) to 64 steps, got {text!r}"
@@ -82,11 +83,22 @@ _mma_applies = cache(mma_applies)
 MMA_MIN_CHUNK = 1024
 
 
+def knobs() -> tuple:
+    """This module's knobs as they stand: a launch worked out under other values is stale."""
+    return (
+        MMA_ATTEND,
+        MMA_MIN_CHUNK,
+        _MMA_TARGET_GROUPS,
+        _TARGET_GROUPS,
+        ATTEND_MIN_BLOCKS,
+        MMA_PREFETCH,
+    )
+
+
 def launch_plan(layout: AttendLayout, backend: str, n_packed: int, heads: int):
     """(tensor cores, tokens per split, splits) of one attend launch (the same between two
     flushes of a cache: looked up, with the module's knobs in the key)."""
-    knobs = (MMA_ATTEND, MMA_MIN_CHUNK, _MMA_TARGET_GROUPS, _TARGET_GROUPS)
-    return _plan_for(layout, backend, n_packed, heads, knobs)
+    return _plan_for(layout, backend, n_packed, heads, knobs()[:4])
 
 
 @lru_cache(maxsize=1024)

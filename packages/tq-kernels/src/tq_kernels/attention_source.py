@@ -321,12 +321,14 @@ def attend_source(
             cb_off += 1 << p.bits
         else:
             key_code.append(key_part_code(i, p, 0, layout.dq))
-    # The tensor-core path reads its own tiles: no value prefetch for the SIMT packed loop.
-    prefetch = prefetches_values(layout) and not use_mma
+    # The tensor-core path reads its own tiles: no value staging for the SIMT packed loop.
+    # (Its own name: this flag once shadowed the ``prefetch`` argument, so the L2 prefetch
+    # never reached the tensor-core text.)
+    stage_values = prefetches_values(layout) and not use_mma
     value_code, acc_off, woff = [], 0, 0
     for j, p in enumerate(layout.values):
         value_cb.append(cb_off)
-        value_code.append(value_part_code(j, p, cb_off, acc_off, woff if prefetch else None))
+        value_code.append(value_part_code(j, p, cb_off, acc_off, woff if stage_values else None))
         cb_loads.append(
             f"  for (int i = (int)tq_tid; i < {1 << p.bits}; i += NT) "
             f"cb_sh[{cb_off} + i] = v{j}_cb[i];"
@@ -334,11 +336,11 @@ def attend_source(
         cb_off += 1 << p.bits
         acc_off += p.width // 32
         woff += value_words(p)
-    load, store = value_prefetch(layout) if prefetch else ("", "")
+    load, store = value_prefetch(layout) if stage_values else ("", "")
     decl = (
         "  TQ_SHARED tq_uint vw_sh[NT * VS];         // the tile's value words, by token\n"
         "  TQ_SHARED float vn_sh[NT * NVP];          // and their norms\n"
-        if prefetch
+        if stage_values
         else ""
     )
     first = next(i for i, p in enumerate(layout.keys) if p.bits or p.prod)

@@ -57,7 +57,7 @@ TQ_INLINE void tq_prefetch_span(int i, const P* a, const P* b) {
 #if defined(__CUDA_ARCH__)
   const size_t last = ((size_t)b - 1) >> 7;
   for (size_t l = ((size_t)a >> 7) + i; l <= last; l += 32)
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(__cvta_generic_to_global((const void*)(l << 7))));
+    asm volatile("prefetch.L2 [%0];" ::"l"(l << 7));  // generic address (PTX ISA: prefetch)
 #endif
 }
 TQ_INLINE void tq_syncwarp() {

@@ -29,6 +29,7 @@ from tq_kernels.attention import (
     raw_queries_apply,
     tensor_core_splits,
 )
+from tq_kernels.attention_plan import knobs as plan_knobs
 
 from .codec import KVCodec, _gather_channels, _scatter_channels
 
@@ -172,7 +173,7 @@ def _launch_key(queries, segments, scale, mask, sinks) -> tuple:
     n_tail = 0 if tail_k is None else tail_k.shape[2]
     by_identity = (k_codes, v_codes, sink_k, sinks)
     return by_identity, (queries.shape, queries.dtype, mask, scale, fp_splits(n_sink + n_tail),
-                         n_tail > 0, n_tail >= queries.shape[2])  # fmt: skip
+                         n_tail > 0, n_tail >= queries.shape[2], plan_knobs())  # fmt: skip
 
 
 def _kept_launch(queries, cache, scale, mask, sinks):
