@@ -369,12 +369,13 @@ def attend_source(
         + _out_pos(layout)[1]
     )
     header = prelude(backend) + PART_HELPERS + (MMA_HELPERS if backend == "cuda" else "")
-    header += _launch_bounds(backend, min_blocks)
     text = thread_ids(backend) + consts + _expand_offsets(body)
     # MLX keeps one compiled module per kernel name: the name carries what the text
-    # depends on beyond the layout (path, register cap, and a digest of the text itself,
-    # so that module-level knobs such as the pair-table size cannot reuse a stale module).
-    digest = hashlib.sha1(text.encode()).hexdigest()[:8]
+    # depends on beyond the layout (path, register cap, and a digest of the helpers and
+    # text, so that module-level knobs such as the pair-table size cannot reuse a stale
+    # module).
+    digest = hashlib.sha1((header + text).encode()).hexdigest()[:8]
+    header += _launch_bounds(backend, min_blocks)
     name = f"tq_kv_attend_{layout.tag()}_{backend}{'_mma' if use_mma else ''}_{digest}"
     if backend == "cuda" and min_blocks > 0:
         name += f"_lb{min_blocks}"
