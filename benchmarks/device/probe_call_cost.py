@@ -82,8 +82,8 @@ def main():
         kk = mx.random.normal((1, 8, T, 128)).astype(mx.float16)
         cache = _tq_cache(kk, kk, s["knobs"])
         mx.eval(cache_attention(q, cache, 0.088))  # routes once; later calls reuse the launch
-        kinds[f"TurboQuant K4V3 attend+finish {T // 1024}K"] = (
-            lambda c=cache: cache_attention(q, c, 0.088)
+        kinds[f"TurboQuant K4V3 attend+finish {T // 1024}K"] = lambda c=cache: cache_attention(
+            q, c, 0.088
         )
     for kind, make in kinds.items():
         build, evaluate = _time(make, a.calls)
