@@ -124,6 +124,17 @@ def test_text_completion_stream_matches_non_stream(server):
     assert streamed == whole.choices[0].text and whole.choices[0].text
 
 
+def test_a_prompt_sharing_a_cached_prefix_reuses_it(server):
+    """mlx-lm's prompt cache deep-copies the cache a finished request left for the next one
+    with the same prefix; with TurboQuant caches that copy once failed after any decode over
+    packed tokens (the 120-word prompt is more than sinks, buffer and a flush batch)."""
+    client, model = server["client"], server["model"]
+    prompt = " ".join(testkit.WORDS[i % len(testkit.WORDS)] for i in range(120))
+    first = client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0)
+    again = client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0)
+    assert first.choices[0].text and again.choices[0].text == first.choices[0].text
+
+
 def test_errors_reach_the_client(server):
     client, model = server["client"], server["model"]
     messages = [{"role": "user", "content": "hi"}]

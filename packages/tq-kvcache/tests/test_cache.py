@@ -220,3 +220,35 @@ def test_prefill_chunks_evaluate_each_layer_and_decode_does_not(monkeypatch):
     k2, v2 = _kv(40, seed=1)
     got = mx.compile(lambda k, v: traced.update_and_fetch(k, v))(k2, v2)
     assert mx.array_equal(got[0], keys).item()
+
+
+@pytest.mark.parametrize("rotating", [False, True])
+def test_mlx_lm_prompt_cache_copies_a_cache_after_decode(rotating):
+    """mlx-lm's LRUPromptCache (its server's, and `tq serve`'s) deep-copies a stored cache
+    for each request that shares its prefix: after decode steps the copy must be made, hold
+    none of the original's derived state (decoded keys, kept launches), and go on exactly
+    as the original does."""
+    import copy
+
+    from mlx_lm.models.cache import LRUPromptCache
+
+    knobs = dict(k_bits=4, v_bits=3, sink_tokens=4, buffer=3, flush_batch=2)
+    cache = TurboQuantRotatingKVCache(64, **knobs) if rotating else TurboQuantKVCache(**knobs)
+    cache.update_and_fetch(*_kv(40))
+    q = mx.random.normal((1, 4, 1, 64))
+    for step in range(3):  # decode: the cache keeps derived state between steps
+        cache.update_and_fetch(*_kv(1, seed=10 + step))
+        cache_attention(q, cache, 0.125)
+    assert cache.__dict__.get("_decoded") is not None
+    lru = LRUPromptCache(max_size=4)
+    lru.insert_cache("model", list(range(43)), [cache])
+    (copied,), rest = lru.fetch_nearest_cache("model", list(range(43)) + [7])
+    assert rest == [7] and copied is not cache
+    for name in ("_decoded", "_codes_memo", "_fused_parts", "_tq_launch"):
+        assert copied.__dict__.get(name) is None
+    assert copy.deepcopy(cache).offset == cache.offset == copied.offset
+    for c in (cache, copied):
+        c.update_and_fetch(*_kv(1, seed=99))
+    np.testing.assert_array_equal(
+        np.array(cache_attention(q, cache, 0.125)), np.array(cache_attention(q, copied, 0.125))
+    )

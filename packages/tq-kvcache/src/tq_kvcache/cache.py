@@ -14,6 +14,8 @@ gets correct keys and values.
 
 from __future__ import annotations
 
+import copy
+
 import mlx.core as mx
 from mlx_lm.models.base import create_causal_mask
 
@@ -116,6 +118,22 @@ class TurboQuantKVCache(CacheState):
         self._v_codec: KVCodec | None = None
         self._shape: tuple[int, int, int, int] | None = None  # (B, H, Dk, Dv)
         self._itemsize = 2  # bytes per element of the keys/values the model gives
+
+    #: State derived from the arrays (decoded keys, memos, the kept launch and kernel parts
+    #: of :mod:`tq_kvcache.fused_attention`): rebuilt on demand, never copied.
+    _DERIVED = frozenset({"_decoded", "_codes_memo", "_fused_parts", "_tq_launch"})
+
+    def __deepcopy__(self, memo):
+        """The cache without its derived state. mlx-lm's ``LRUPromptCache`` (its server's)
+        deep-copies a stored cache for each request that shares its prefix; the decoded
+        keys hold a dtype, which ``copy`` cannot copy, and would drag fp16 keys along."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            if name not in self._DERIVED:
+                new.__dict__[name] = copy.deepcopy(value, memo)
+        new._decoded = new._codes_memo = None
+        return new
 
     # ------------------------------------------------------------------ configuration
 
