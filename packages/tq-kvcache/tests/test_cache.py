@@ -247,6 +247,9 @@ def test_mlx_lm_prompt_cache_copies_a_cache_after_decode(rotating):
     for name in ("_decoded", "_codes_memo", "_fused_parts", "_tq_launch"):
         assert copied.__dict__.get(name) is None
     assert copy.deepcopy(cache).offset == cache.offset == copied.offset
+    if not rotating:  # a shorter prompt: the copy is trimmed, the stored cache is not
+        (trimmed,), rest = lru.fetch_nearest_cache("model", list(range(30)) + [500])
+        assert rest == [500] and trimmed.offset == 30 and cache.offset == 43
     for c in (cache, copied):
         c.update_and_fetch(*_kv(1, seed=99))
     np.testing.assert_array_equal(
