@@ -300,3 +300,58 @@ def test_every_weight_kernel_compiles(backend):
     assert len(groups) == 2  # the matvec header, the dequantize header
     for header, kernels in groups.items():
         assert compile_errors(backend, header, kernels) == ""
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_paired_value_fields_compute_the_per_lookup_indices(bits, tmp_path):
+    """The interleaved value words (``PAIRED_VALUE_FIELDS``), executed on the host: for random
+    windows, every code's paired field equals ``lo | hi << bits`` read field by field."""
+    from tq_kernels.attention_mma_fragments import field, paired_field, paired_words, window_words
+
+    body = []
+    for width in (32, 64, 128):
+        nb = width * bits // 8  # a value window: the part's channels g * W/8 .. + W/8 - 1
+        n = window_words(nb)
+        checks = [
+            f"      if ({paired_field('y', c * bits, bits)} != ({field('lo', c * bits, bits)} | "
+            f"({field('hi', c * bits, bits)} << {bits}))) return {width};"
+            for c in range(nb // bits)
+        ]
+        body += [
+            "    {",
+            f"      tq_uint lo[{n}], hi[{n}];",
+            f"      for (int k = 0; k < {n}; ++k) {{ lo[k] = rng(); hi[k] = rng(); }}",
+            *paired_words("y", "lo", "hi", nb, bits),
+            *checks,
+            "    }",
+        ]
+    source = tmp_path / "paired.cpp"
+    source.write_text(
+        "#include <random>\ntypedef unsigned int tq_uint;\n"
+        "static unsigned tq_funnel(unsigned lo, unsigned hi, int s) {\n"
+        "  return s ? (lo >> s) | (hi << (32 - s)) : lo;\n}\n"
+        "int main() {\n  std::mt19937 rng(7);\n  for (int t = 0; t < 500; ++t) {\n"
+        + "\n".join(body)
+        + "\n  }\n  return 0;\n}\n"
+    )
+    exe = tmp_path / "paired"
+    subprocess.run([GXX, "-O1", "-o", str(exe), str(source)], check=True, timeout=120)
+    assert subprocess.run([str(exe)], timeout=60).returncode == 0
+
+
+def test_paired_value_fields_kernel_text_compiles(monkeypatch):
+    import tq_kernels.attention_mma_source as mma_source
+
+    monkeypatch.setattr(mma_source, "PAIRED_VALUE_FIELDS", True)
+    kernels, header = [], None
+    for name, (keys, values) in LAYOUTS.items():
+        dk, dv = sum(p.width for p in keys), sum(p.width for p in values)
+        layout = _layout(keys, values, 4, dk, dv)[0]
+        if not mma_applies(layout, "cuda"):
+            continue
+        kname, header, body, inputs, outputs = attend_source(layout, "cuda", True)
+        for j, v in enumerate(values):
+            assert (f"y01_v{j}e" in body) == (v.bits in (1, 2, 4)), name
+        args = {n: _ctype("cuda", n, "__half", layout.raw) for n in inputs}
+        kernels.append((kname, body, args, {o: "float" for o in outputs}))
+    assert kernels and compile_errors("cuda", header, kernels) == ""

@@ -32,6 +32,9 @@ __all__ = [
     "window_shift",
     "window_words",
     "field",
+    "pairs_apply",
+    "paired_words",
+    "paired_field",
 ]
 
 #: Words of pair table a part may take (8 KiB): 32 copies up to 3 bits, 8 copies at 4 bits.
@@ -137,3 +140,40 @@ def field(words: str, bit: int, nbits: int) -> str:
     if off + nbits <= 32:
         return f"(({words}[{k}] >> {off}) & {mask}u)"
     return f"(tq_funnel({words}[{k}], {words}[{k + 1}], {off}) & {mask}u)"
+
+
+def pairs_apply(bits: int) -> bool:
+    """Whether :func:`paired_words` serves ``bits``: two codes' fields tile a word (1, 2, 4)."""
+    return 32 % (2 * bits) == 0
+
+
+def _even_codes_mask(bits: int) -> int:
+    """The word mask of codes 0, 2, 4, ... of ``bits`` bits each."""
+    return sum(((1 << bits) - 1) << (2 * bits * j) for j in range(32 // (2 * bits)))
+
+
+def paired_words(dst: str, lo: str, hi: str, nbits: int, bits: int) -> list[str]:
+    """Lines declaring ``{dst}e[]`` and ``{dst}o[]``: the shifted windows ``lo[]`` and ``hi[]``
+    (the same channels of two tokens) interleaved so that each code of ``lo`` and the same
+    code of ``hi`` share one field of ``2 * bits`` bits, ``lo`` low: the value pair-table
+    index, ready for :func:`paired_field`. Four or five operations a word take the place of
+    a shift, a mask and an or for every lookup (bits 1, 2 and 4, :func:`pairs_apply`)."""
+    n, m = window_words(nbits), _even_codes_mask(bits)
+    even, odd = f"{m:#x}u", f"{m << bits:#x}u"
+    lines = [f"        tq_uint {dst}e[{n}], {dst}o[{n}];"]
+    for w in range(n):
+        lo_w, hi_w = f"{lo}[{w}]", f"{hi}[{w}]"
+        lines += [
+            f"        {dst}e[{w}] = ({lo_w} & {even}) | (({hi_w} & {even}) << {bits});",
+            f"        {dst}o[{w}] = (({lo_w} >> {bits}) & {even}) | ({hi_w} & {odd});",
+        ]
+    return lines
+
+
+def paired_field(dst: str, bit: int, bits: int) -> str:
+    """C expression of ``lo`` code | ``hi`` code << ``bits`` for the code at window bit
+    ``bit``, from the words :func:`paired_words` declared as ``dst``: an even code sits at
+    its own bit of ``{dst}e``, an odd one ``bits`` lower in ``{dst}o``."""
+    code, word, at = bit // bits, bit >> 5, bit & 31
+    src, shift = (f"{dst}e", at) if code % 2 == 0 else (f"{dst}o", at - bits)
+    return f"(({src}[{word}] >> {shift}) & {(1 << 2 * bits) - 1}u)"

@@ -25,7 +25,16 @@ the same ``o`` / ``ml`` as the SIMT path, so the merge kernels are shared.
 from __future__ import annotations
 
 from .attention_layout import ATTEND_THREADS, AttendLayout
-from .attention_mma_fragments import field, lut_fill, lut_plan, window_load, window_shift
+from .attention_mma_fragments import (
+    field,
+    lut_fill,
+    lut_plan,
+    paired_field,
+    paired_words,
+    pairs_apply,
+    window_load,
+    window_shift,
+)
 from .attention_mma_fragments import window_words as _ww
 from .attention_mma_softmax import SOFTMAX, meet
 
@@ -38,6 +47,9 @@ MMA_MAX_ROWS = 4
 #: Independent accumulator chains of a key part's score products: ``mma.sync`` into one
 #: accumulator waits for the previous product, so alternate steps feed a second one.
 KEY_CHAINS = 2
+#: Value lookups from interleaved token pairs (:func:`paired_words`, 1, 2 and 4 bits): off
+#: until a GPU has timed it against the per-lookup fields.
+PAIRED_VALUE_FIELDS = False
 #: Static shared memory CUDA allows a kernel.
 _CUDA_SHARED = 48 * 1024
 _WARPS = ATTEND_THREADS // 32
@@ -203,7 +215,14 @@ def _value_products(layout, vplan) -> list[str]:
             lines += shift
             xs.append(x)
 
-        def pair(a, b_, bit, xs=xs, bits=bits, lc=lc):
+        paired = PAIRED_VALUE_FIELDS and pairs_apply(bits)
+        if paired:  # tokens (2t4, 2t4+1) and (2t4+8, 2t4+9) interleaved once per step
+            lines += paired_words(f"y01_{name}", xs[0], xs[1], nb, bits)
+            lines += paired_words(f"y23_{name}", xs[2], xs[3], nb, bits)
+
+        def pair(a, b_, bit, xs=xs, bits=bits, lc=lc, name=name, paired=paired):
+            if paired:
+                return f"mma_lut[lb + ({paired_field(f'y{a}{b_}_{name}', bit, bits)} << {lc})]"
             lo, hi = field(xs[a], bit, bits), field(xs[b_], bit, bits)
             return f"mma_lut[lb + (({lo} | ({hi} << {bits})) << {lc})]"
 
