@@ -219,15 +219,21 @@ def test_decode_through_the_cache_matches_reference():
 
 
 @gpu
-@pytest.mark.parametrize("mma", [True, False])
+@pytest.mark.parametrize("path", ["mma", "mma-knobs", "simt"])  # no spaces: pytest_parallel.sh
 @pytest.mark.parametrize("case", [0, 1, 2, 4, 7, 8, 10, 12])
-def test_both_packed_split_paths_match_reference(case, mma, monkeypatch):
-    """The tensor-core packed splits (CUDA's default where they apply) and the SIMT body
-    (Metal's, and CUDA's for 16 query rows or ``TQ_ATTEND_MMA=0``) against the reference."""
+def test_both_packed_split_paths_match_reference(case, path, monkeypatch):
+    """The tensor-core packed splits (CUDA's default where they apply), the same with the
+    knobs still off by default (``mma-knobs``: L2 prefetch, paired value fields), and the
+    SIMT body (Metal's, and CUDA's for 16 query rows or ``TQ_ATTEND_MMA=0``) against the
+    reference."""
+    import tq_kernels.attention_mma_source as mma_source
     import tq_kernels.attention_plan as plan
 
-    monkeypatch.setattr(plan, "MMA_ATTEND", mma)
+    monkeypatch.setattr(plan, "MMA_ATTEND", path != "simt")
     monkeypatch.setattr(plan, "MMA_MIN_CHUNK", 0)  # these caches are short
+    if path == "mma-knobs":
+        monkeypatch.setattr(plan, "MMA_PREFETCH", 4)
+        monkeypatch.setattr(mma_source, "PAIRED_VALUE_FIELDS", True)
     b, hq, h, d, n, extra, L, knobs = CASES[case]
     cache = _filled_cache(b, h, d, n, extra=extra, **knobs)
     q = mx.random.normal((b, hq, L, d)).astype(mx.float16)

@@ -22,6 +22,7 @@ from .attention_layout import (
     ValuePartLayout,
 )
 from .attention_merge_source import combine_source, finish_source
+from .attention_mma_source import text_knobs
 from .attention_plan import counts_values, fp_splits, launch_plan, min_blocks, split_plan
 from .attention_plan import tensor_core_splits as tensor_core_splits
 from .attention_source import attend_source
@@ -102,9 +103,16 @@ def _compiled(source: tuple, backend: str, row_contiguous: bool):
 
 @cache
 def _attend_kernel(
-    layout: AttendLayout, backend: str, mma: bool, blocks_per_sm: int, prefetch: int = 0
+    layout: AttendLayout,
+    backend: str,
+    mma: bool,
+    blocks_per_sm: int,
+    prefetch: int = 0,
+    text_knobs: tuple = (),
 ):
     # Code arrays are views sliced to the tokens held: read through their strides.
+    # ``text_knobs`` (attention_mma_source.text_knobs()) only keys the cache: the text
+    # generator reads them itself.
     source = attend_source(layout, backend, mma, blocks_per_sm, prefetch)
     return _compiled(source, backend, False)
 
@@ -119,7 +127,9 @@ def _attend_launch(
     rb, dv = layout.rows, layout.dv
     splits = nsplit + fp_splits(n_fp)
     ahead = attention_plan.MMA_PREFETCH if mma else 0
-    kernel = _attend_kernel(layout, backend, mma, min_blocks(layout, mma), ahead)
+    kernel = _attend_kernel(
+        layout, backend, mma, min_blocks(layout, mma), ahead, text_knobs() if mma else ()
+    )
     return kernel, dict(
         grid=(splits * ATTEND_THREADS, cols, 1),
         threadgroup=(ATTEND_THREADS, 1, 1),

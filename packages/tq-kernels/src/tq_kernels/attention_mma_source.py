@@ -38,7 +38,7 @@ from .attention_mma_fragments import (
 from .attention_mma_fragments import window_words as _ww
 from .attention_mma_softmax import SOFTMAX, meet
 
-__all__ = ["mma_applies", "mma_packed_code", "MMA_MAX_BITS", "MMA_MAX_ROWS"]
+__all__ = ["mma_applies", "mma_packed_code", "text_knobs", "MMA_MAX_BITS", "MMA_MAX_ROWS"]
 
 #: Code widths the pair tables serve (a 4-bit pair table has 256 entries).
 MMA_MAX_BITS = 4
@@ -55,6 +55,14 @@ _CUDA_SHARED = 48 * 1024
 _WARPS = ATTEND_THREADS // 32
 #: Per warp: double-buffered probabilities [16 tokens][4 rows], and (max, sum) of 4 rows.
 _WARP_FLOATS = 2 * 64 + 8
+
+
+def text_knobs() -> tuple:
+    """The module-level settings the tensor-core text is generated under (compiled kernels
+    and kept launches are keyed on them)."""
+    from . import attention_mma_fragments
+
+    return KEY_CHAINS, PAIRED_VALUE_FIELDS, attention_mma_fragments.LUT_WORDS
 
 
 def _budget_words(layout: AttendLayout) -> int:

@@ -9,7 +9,7 @@ import os
 from functools import cache, lru_cache
 
 from .attention_layout import ATTEND_THREADS, AttendLayout
-from .attention_mma_source import mma_applies
+from .attention_mma_source import mma_applies, text_knobs
 from .backend import kernel_backend
 
 __all__ = [
@@ -92,6 +92,7 @@ def knobs() -> tuple:
         _TARGET_GROUPS,
         ATTEND_MIN_BLOCKS,
         MMA_PREFETCH,
+        *text_knobs(),
     )
 
 
