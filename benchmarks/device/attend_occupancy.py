@@ -5,7 +5,7 @@ A spill-free register cap that raises occupancy would speed a latency-bound kern
 
 usage: python benchmarks/device/attend_occupancy.py [--contexts 32768,131072]
            [--settings K4V3,K3V2] [--blocks=0,2,-1] [--mma 0,1] [--groups 528,264]
-           [--lut-words 2048,4096] [--prefetch 0,4] [--key-chains 1,2] [--paired 0,1]
+           [--lut-words 2048,4096] [--prefetch 0,4] [--key-chains 1,2] [--paired 0,1] [--lazy 0,1]
            [--min-chunk N] [--calls 16] [--json F]
 (``--blocks=-1``, with ``=``: the automatic choice.)
 """
@@ -36,6 +36,7 @@ def main():
     ap.add_argument("--prefetch", default="4", help="tensor-core L2 prefetch distances (steps)")
     ap.add_argument("--key-chains", default="2", help="score accumulator chains to try")
     ap.add_argument("--paired", default="0", help="PAIRED_VALUE_FIELDS settings to try")
+    ap.add_argument("--lazy", default="0", help="LAZY_MAX settings to try")
     ap.add_argument("--min-chunk", type=int, help="MMA_MIN_CHUNK (packed tokens a split)")
     ap.add_argument("--calls", type=int, default=16)
     ap.add_argument("--json")
@@ -61,9 +62,10 @@ def main():
             caches = [_tq_cache(k, v, s["knobs"]) for _ in range(2)]
             ref = None
             combos = [
-                (mma == "1", int(nb), int(gr), int(lw), int(pf), int(kc), pv == "1")
+                (mma == "1", int(nb), int(gr), int(lw), int(pf), int(kc), pv == "1", lz == "1")
                 for mma in a.mma.split(",")
                 for pv in (a.paired.split(",") if mma == "1" else ["0"])
+                for lz in (a.lazy.split(",") if mma == "1" else ["0"])
                 for kc in (a.key_chains.split(",") if mma == "1" else ["1"])
                 for pf in (a.prefetch.split(",") if mma == "1" else ["0"])
                 for nb in a.blocks.split(",")
@@ -73,10 +75,10 @@ def main():
             # Every variant is timed twice, in order, and the second pass is reported: the
             # first variant timed in a process ran 5-10% slow at 32K (stop 18's sweeps).
             for final in (False, True):
-                for mma, nb, groups, lut_words, pf, kc, pv in combos:
+                for mma, nb, groups, lut_words, pf, kc, pv, lz in combos:
                     plan.MMA_PREFETCH = pf
                     fragments.LUT_WORDS, mma_source.KEY_CHAINS = lut_words, kc
-                    mma_source.PAIRED_VALUE_FIELDS = pv
+                    mma_source.PAIRED_VALUE_FIELDS, mma_source.LAZY_MAX = pv, lz
                     attention._attend_kernel.cache_clear()  # its text depends on these
                     plan._mma_applies.cache_clear()
                     plan.MMA_ATTEND, plan.ATTEND_MIN_BLOCKS = mma, nb
@@ -106,6 +108,7 @@ def main():
                         prefetch=pf,
                         key_chains=kc,
                         paired_values=pv,
+                        lazy_max=lz,
                         us_per_call=round(sec * 1e6, 1),
                         speedup_vs_fp16=round(fp16 / (sec * 1e6), 2),
                         max_rel_diff_vs_first=rel,

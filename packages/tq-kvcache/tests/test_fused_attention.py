@@ -173,8 +173,30 @@ def test_fused_matches_reference(b, hq, h, d, n, extra, L, knobs, dtype):
     assert err < tol, f"relative error {err}"
 
 
+def _split_path(path: str, monkeypatch) -> None:
+    """Packed splits on the tensor cores (``mma``; ``mma-knobs``: with the knobs still off
+    by default: L2 prefetch, paired value fields, lazy max) or the SIMT body (``simt``),
+    at any cache length."""
+    import tq_kernels.attention_mma_source as mma_source
+    import tq_kernels.attention_plan as plan
+
+    monkeypatch.setattr(plan, "MMA_ATTEND", path != "simt")
+    monkeypatch.setattr(plan, "MMA_MIN_CHUNK", 0)
+    if path == "mma-knobs":
+        monkeypatch.setattr(plan, "MMA_PREFETCH", 4)
+        monkeypatch.setattr(mma_source, "PAIRED_VALUE_FIELDS", True)
+        monkeypatch.setattr(mma_source, "LAZY_MAX", True)
+
+
+#: Paths of the packed splits for ``_split_path`` (test ids without spaces: the device's
+#: pytest_parallel.sh passes them on a command line).
+SPLIT_PATHS = ["mma", "mma-knobs", "simt"]
+
+
 @gpu
-def test_sinks_extreme_scores_and_non_finite():
+@pytest.mark.parametrize("path", SPLIT_PATHS)
+def test_sinks_extreme_scores_and_non_finite(path, monkeypatch):
+    _split_path(path, monkeypatch)
     cache = _filled_cache(1, 2, 64, 700, k_bits=4, v_bits=3, sink_tokens=8, buffer=8)
     sinks = mx.array([4.0, -2.0, 30.0, 0.0])
     q = mx.random.normal((1, 4, 1, 64)) * 40  # peaked softmax
@@ -219,21 +241,13 @@ def test_decode_through_the_cache_matches_reference():
 
 
 @gpu
-@pytest.mark.parametrize("path", ["mma", "mma-knobs", "simt"])  # no spaces: pytest_parallel.sh
+@pytest.mark.parametrize("path", SPLIT_PATHS)
 @pytest.mark.parametrize("case", [0, 1, 2, 4, 7, 8, 10, 12])
 def test_both_packed_split_paths_match_reference(case, path, monkeypatch):
     """The tensor-core packed splits (CUDA's default where they apply), the same with the
-    knobs still off by default (``mma-knobs``: L2 prefetch, paired value fields), and the
-    SIMT body (Metal's, and CUDA's for 16 query rows or ``TQ_ATTEND_MMA=0``) against the
-    reference."""
-    import tq_kernels.attention_mma_source as mma_source
-    import tq_kernels.attention_plan as plan
-
-    monkeypatch.setattr(plan, "MMA_ATTEND", path != "simt")
-    monkeypatch.setattr(plan, "MMA_MIN_CHUNK", 0)  # these caches are short
-    if path == "mma-knobs":
-        monkeypatch.setattr(plan, "MMA_PREFETCH", 4)
-        monkeypatch.setattr(mma_source, "PAIRED_VALUE_FIELDS", True)
+    knobs still off by default, and the SIMT body (Metal's, and CUDA's for 16 query rows or
+    ``TQ_ATTEND_MMA=0``) against the reference."""
+    _split_path(path, monkeypatch)
     b, hq, h, d, n, extra, L, knobs = CASES[case]
     cache = _filled_cache(b, h, d, n, extra=extra, **knobs)
     q = mx.random.normal((b, hq, L, d)).astype(mx.float16)
@@ -243,11 +257,3 @@ def test_both_packed_split_paths_match_reference(case, path, monkeypatch):
     want = reference_cache_attention(q, cache, d**-0.5, mask)
     scale = max(float(mx.abs(want.astype(mx.float32)).max()), 1e-6)
     assert float(mx.abs(got.astype(mx.float32) - want.astype(mx.float32)).max()) / scale < 5e-3
-
-
-@gpu
-def test_simt_packed_splits_sinks_extreme_scores_and_non_finite(monkeypatch):
-    import tq_kernels.attention_plan as plan
-
-    monkeypatch.setattr(plan, "MMA_ATTEND", False)
-    test_sinks_extreme_scores_and_non_finite()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .attention_layout import AttendLayout
 
-__all__ = ["SOFTMAX", "meet"]
+__all__ = ["SOFTMAX", "LAZY_MARGIN", "meet", "softmax"]
 
 
 def meet(layout: AttendLayout) -> list[str]:
@@ -86,7 +86,7 @@ def meet(layout: AttendLayout) -> list[str]:
     return lines
 
 
-SOFTMAX = r"""
+_SCORES = r"""
       // Scores: hi + lo columns (lanes t4 and t4 ^ 2 then hold the same rows), masked
       // past the split's end.
 #pragma unroll
@@ -94,7 +94,11 @@ SOFTMAX = r"""
       if (tok0 + g >= end) sc[0] = sc[1] = TQ_NEG_INF;
       if (tok0 + g + 8 >= end) sc[2] = sc[3] = TQ_NEG_INF;
       TQ_TGPTR float* ps = mma_p + warp * 128 + (((tok0 - begin) / (NWARPS * 16)) & 1) * 64;
-#pragma unroll
+"""
+
+#: The exact path: each row's max over the step's tokens (three lane exchanges), then exp,
+#: the accumulators rescaled where the max moved.
+_EXACT_ROWS = r"""#pragma unroll
       for (int j = 0; j < 2; ++j) {
         float tm = tq_fmax(sc[j], sc[j + 2]);
         tm = tq_fmax(tm, tq_shuffle_xor(tm, 4));
@@ -126,7 +130,9 @@ SOFTMAX = r"""
           ps[(g + 8) * 4 + 2 * t4 + j] = p1;
         }
       }
-      tq_syncwarp();
+"""
+
+_P_OPERAND = r"""      tq_syncwarp();
       // P^T as the n side: tokens 2t4 (+1, +8, +9), column g (row g & 3, hi | lo).
       const bool plo = g >= 4;
       float pt[4];
@@ -138,3 +144,48 @@ SOFTMAX = r"""
         pt[3] = r < R ? ps[(2 * t4 + 9) * 4 + r] : 0.0f;
       }
 """
+
+#: How far (natural log) a score may pass its row's kept max before the lazy path takes the
+#: exact one: p <= e^2 keeps p times a value norm inside float16 for the hi/lo operand.
+LAZY_MARGIN = 2.0
+
+
+def softmax(lazy: bool = False) -> str:
+    """The per-step softmax text. With ``lazy`` a row keeps its running max while no score
+    of the step passes it by more than :data:`LAZY_MARGIN` (one warp vote, no lane
+    exchanges, no rescale; FlashAttention-4's conditional rescaling): any reference max
+    gives the same softmax once the split's (max, sum) pair is merged, as long as exp stays
+    in range. A row without a finite max yet, a NaN max, or a score past the margin in any
+    lane sends the whole warp down the exact path."""
+    if not lazy:
+        return _SCORES + _EXACT_ROWS + _P_OPERAND
+    return (
+        _SCORES
+        + f"""
+      bool grow = false;
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        grow |= m2[j] == TQ_NEG_INF || !(tq_fmax(sc[j], sc[j + 2]) <= m2[j] + {LAZY_MARGIN!r}f);
+      if (tq_any(grow)) {{
+"""
+        + _EXACT_ROWS
+        + """
+      } else {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const float p0 = tq_exp(sc[j] - m2[j]);
+          const float p1 = tq_exp(sc[j + 2] - m2[j]);
+          l2[j] += p0 + p1;
+          if (t4 < 2) {
+            ps[g * 4 + 2 * t4 + j] = p0;
+            ps[(g + 8) * 4 + 2 * t4 + j] = p1;
+          }
+        }
+      }
+"""
+        + _P_OPERAND
+    )
+
+
+#: The exact softmax text (the default).
+SOFTMAX = softmax(False)

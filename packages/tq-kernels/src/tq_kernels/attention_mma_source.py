@@ -36,7 +36,7 @@ from .attention_mma_fragments import (
     window_shift,
 )
 from .attention_mma_fragments import window_words as _ww
-from .attention_mma_softmax import SOFTMAX, meet
+from .attention_mma_softmax import meet, softmax
 
 __all__ = ["mma_applies", "mma_packed_code", "text_knobs", "MMA_MAX_BITS", "MMA_MAX_ROWS"]
 
@@ -50,6 +50,9 @@ KEY_CHAINS = 2
 #: Value lookups from interleaved token pairs (:func:`paired_words`, 1, 2 and 4 bits): off
 #: until a GPU has timed it against the per-lookup fields.
 PAIRED_VALUE_FIELDS = False
+#: Rows keep their running max while no score passes it by more than a margin
+#: (:func:`tq_kernels.attention_mma_softmax.softmax`): off until a GPU has timed it.
+LAZY_MAX = False
 #: Static shared memory CUDA allows a kernel.
 _CUDA_SHARED = 48 * 1024
 _WARPS = ATTEND_THREADS // 32
@@ -62,7 +65,7 @@ def text_knobs() -> tuple:
     and kept launches are keyed on them)."""
     from . import attention_mma_fragments
 
-    return KEY_CHAINS, PAIRED_VALUE_FIELDS, attention_mma_fragments.LUT_WORDS
+    return KEY_CHAINS, PAIRED_VALUE_FIELDS, LAZY_MAX, attention_mma_fragments.LUT_WORDS
 
 
 def _budget_words(layout: AttendLayout) -> int:
@@ -322,7 +325,7 @@ def mma_packed_code(
         "      if (ld0 < end) {",
         *_loads(layout, "k"),
         "      }",
-        SOFTMAX,
+        softmax(LAZY_MAX),
         *_value_products(layout, vplan),
         "      if (ld0 < end) {",
         *_loads(layout, "v"),

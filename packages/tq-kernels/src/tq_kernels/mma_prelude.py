@@ -60,6 +60,14 @@ TQ_INLINE void tq_prefetch_span(int i, const P* a, const P* b) {
     asm volatile("prefetch.L2 [%0];" ::"l"(l << 7));  // generic address (PTX ISA: prefetch)
 #endif
 }
+// Whether ``p`` holds in any lane of the warp (the same answer in every lane).
+TQ_INLINE bool tq_any(bool p) {
+#if defined(__CUDA_ARCH__)
+  return __any_sync(0xffffffffu, p);
+#else
+  return p;
+#endif
+}
 TQ_INLINE void tq_syncwarp() {
 #if defined(__CUDA_ARCH__)
   __syncwarp();
