@@ -112,6 +112,28 @@ def test_decode_steps_reuse_the_kept_launch_until_it_changes(monkeypatch):
     assert len(routes) == before + 3
 
 
+def test_a_failing_kept_launch_falls_back_with_a_warning(monkeypatch):
+    import tq_kvcache.fused_attention as fused
+
+    fail = []
+
+    def kernel(inputs, **launch):
+        if fail:
+            raise RuntimeError("launch failed")
+        return zeros_kernel(inputs, **launch)
+
+    _pretend_cuda(monkeypatch, lambda *_: kernel)
+    monkeypatch.setattr(fused, "_failed", False)
+    cache = _filled_cache(1, 2, 64, 300, k_bits=4, v_bits=3, sink_tokens=4, buffer=4)
+    q = mx.random.normal((1, 4, 1, 64))
+    assert fused.fused_cache_attention(q, cache, 0.125) is not None
+    assert "_tq_launch" in cache.__dict__
+    fail.append(1)
+    with pytest.warns(RuntimeWarning, match="launch failed"):
+        assert fused.fused_cache_attention(q, cache, 0.125) is None
+    assert "_tq_launch" not in cache.__dict__
+
+
 def test_cpu_uses_the_reference_path():
     if fused_attention_enabled():
         pytest.skip("a GPU backend is the default device")

@@ -193,7 +193,11 @@ def _kept_launch(queries, cache, scale, mask, sinks):
     if values != kept_values or any(a is not b for a, b in zip(ids, kept_ids)):
         return None
     sink_k, sink_v, _, _, tail_k, tail_v = segments
-    return launch(queries, (sink_k, sink_v, tail_k, tail_v))
+    try:
+        return launch(queries, (sink_k, sink_v, tail_k, tail_v))
+    except Exception:  # routed afresh by the caller, whose failure path warns and falls back
+        cache.__dict__.pop("_tq_launch", None)
+        return None
 
 
 def fused_cache_attention(queries, cache, scale: float, mask=None, sinks=None):
