@@ -1,6 +1,7 @@
-"""One packed-KV decode attention step at long context, for Nsight Compute: run it as
-``ncu --kernel-name regex:tq_kv_ --launch-skip 2 --launch-count 2 --section ... python
-benchmarks/device/ncu_attend.py`` (two warmup steps, then the profiled attend and finish)."""
+"""One packed-KV decode attention step at long context, for Nsight Compute: three warmup
+steps, then the profiled one. Each step is two launches (attend, finish), so run it as
+``ncu --kernel-name regex:tq_kv_ --launch-skip 6 --launch-count 2 --section ... python
+benchmarks/device/ncu_attend.py [CONTEXT] [SETTING]`` (``run-kv.sh`` does, with ``NCU``)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,6 @@ k = mx.random.normal((1, 8, T, 128)).astype(mx.float16)
 v = mx.random.normal((1, 8, T, 128)).astype(mx.float16)
 mx.eval(q, k, v)
 cache = _tq_cache(k, v, s["knobs"])
-for _ in range(3):
+for _ in range(4):  # 3 warmup steps, then the profiled one
     mx.eval(cache_attention(q, cache, 0.088))
 mx.synchronize()
