@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .attention_layout import AttendLayout
 
-__all__ = ["SOFTMAX", "LAZY_MARGIN", "meet", "softmax"]
+__all__ = ["LAZY_MARGIN", "meet", "softmax"]
 
 
 def meet(layout: AttendLayout) -> list[str]:
@@ -185,7 +185,3 @@ def softmax(lazy: bool = False) -> str:
 """
         + _P_OPERAND
     )
-
-
-#: The exact softmax text (the default).
-SOFTMAX = softmax(False)
