@@ -24,6 +24,7 @@ the same ``o`` / ``ml`` as the SIMT path, so the merge kernels are shared.
 
 from __future__ import annotations
 
+from . import attention_mma_fragments
 from .attention_layout import ATTEND_THREADS, AttendLayout
 from .attention_mma_fragments import (
     field,
@@ -63,8 +64,6 @@ _WARP_FLOATS = 2 * 64 + 8
 def text_knobs() -> tuple:
     """The module-level settings the tensor-core text is generated under (compiled kernels
     and kept launches are keyed on them)."""
-    from . import attention_mma_fragments
-
     return KEY_CHAINS, PAIRED_VALUE_FIELDS, LAZY_MAX, attention_mma_fragments.LUT_WORDS
 
 

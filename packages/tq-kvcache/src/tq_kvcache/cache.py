@@ -21,6 +21,7 @@ from mlx_lm.models.base import create_causal_mask
 
 from .cache_state import STATE_VERSION, CacheState
 from .codec import KEY_MODES, KVCodec, check_bits, make_codec, outlier_permutation
+from .fused_attention import CACHE_ATTRIBUTES as FUSED_CACHE_ATTRIBUTES
 
 __all__ = ["TurboQuantKVCache", "STATE_VERSION", "DECODE_MAX_QUERIES"]
 
@@ -119,9 +120,9 @@ class TurboQuantKVCache(CacheState):
         self._shape: tuple[int, int, int, int] | None = None  # (B, H, Dk, Dv)
         self._itemsize = 2  # bytes per element of the keys/values the model gives
 
-    #: State derived from the arrays (decoded keys, memos, the kept launch and kernel parts
-    #: of :mod:`tq_kvcache.fused_attention`): rebuilt on demand, never copied.
-    _DERIVED = frozenset({"_decoded", "_codes_memo", "_fused_parts", "_tq_launch"})
+    #: State derived from the arrays (decoded keys, memos, and what
+    #: :mod:`tq_kvcache.fused_attention` keeps on a cache): rebuilt on demand, never copied.
+    _DERIVED = frozenset({"_decoded", "_codes_memo", *FUSED_CACHE_ATTRIBUTES})
 
     def __deepcopy__(self, memo):
         """The cache without its derived state. mlx-lm's ``LRUPromptCache`` (its server's)

@@ -35,6 +35,10 @@ from .codec import KVCodec, _gather_channels, _scatter_channels
 
 __all__ = ["fused_cache_attention", "fused_attention_enabled", "attend_path"]
 
+#: Attributes this module keeps on a cache object (its kernel parts and the kept launch):
+#: derived from the cache's arrays, so a copied cache leaves them behind (cache.py).
+CACHE_ATTRIBUTES = ("_fused_parts", "_tq_launch")
+
 _failed = False
 #: Layouts whose kernels have run once: MLX compiles a kernel when the graph is evaluated,
 #: so the first call of each layout is evaluated here, where a failure can still fall back.
@@ -121,14 +125,17 @@ def _unrotate_values(rot: mx.array, codec: KVCodec) -> mx.array:
     return _scatter_channels(out, codec.perm)
 
 
+def _mask_applies(mask) -> bool:
+    """The masks the fused kernels take: none, or mlx-lm's ``"causal"``."""
+    return mask is None or (isinstance(mask, str) and mask == "causal")
+
+
 def _route(queries, cache, mask):
     """``None`` where the fused kernels do not take this call, else ``(segments, prepared,
     layout, mma, rows)``: the cache's segments, its kernel parts, the raw-mode layout
     (``None`` in prepared mode), whether the packed splits run on the tensor cores, and the
     query rows per KV head."""
-    if not fused_attention_enabled():
-        return None
-    if mask is not None and not (isinstance(mask, str) and mask == "causal"):
+    if not fused_attention_enabled() or not _mask_applies(mask):
         return None
     segments = cache.segments()
     _, _, k_codes, v_codes, tail_k, _ = segments
@@ -183,9 +190,7 @@ def _kept_launch(queries, cache, scale, mask, sinks):
     This skips the routing and launch planning, the host work that kept whole-model decode
     behind the fp16 cache (docs/kvcache.md)."""
     kept = cache.__dict__.get("_tq_launch")
-    if kept is None or not fused_attention_enabled():
-        return None
-    if mask is not None and not (isinstance(mask, str) and mask == "causal"):
+    if kept is None or not fused_attention_enabled() or not _mask_applies(mask):
         return None
     segments = cache.segments()
     ids, values = _launch_key(queries, segments, scale, mask, sinks)
