@@ -22,14 +22,12 @@ from tq_cli.atomic_write import write_text_atomic
 
 
 def step_time(model, cache, tok, tokens):
+    """(ms per token, last token): the median of 3 rounds of ``tq bench kv``'s
+    evaluate-each-token decode loop."""
     times = []
     for _ in range(3):
-        mx.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(tokens):
-            tok = mx.argmax(model(tok[:, None], cache=cache)[:, -1], axis=-1)
-            mx.eval(tok)
-        times.append((time.perf_counter() - t0) / tokens)
+        rate, tok = bench_kv._decode_rate(model, tok, cache, tokens)
+        times.append(1.0 / rate)
     return statistics.median(times) * 1e3, tok
 
 
