@@ -339,13 +339,17 @@ def test_paired_value_fields_compute_the_per_lookup_indices(bits, tmp_path):
     assert subprocess.run([str(exe)], timeout=60).returncode == 0
 
 
-def test_off_by_default_tensor_core_knobs_compile(monkeypatch):
-    """Paired value fields, the lazy max and the L2 prefetch, all on, in every layout the
-    tensor cores take."""
+@pytest.mark.parametrize("knobs", ["shipped", "flipped"])
+def test_tensor_core_knobs_compile(knobs, monkeypatch):
+    """Paired value fields and the lazy max as shipped and flipped, each with the
+    off-by-default L2 prefetch, in every layout the tensor cores take."""
     import tq_kernels.attention_mma_source as mma_source
 
-    monkeypatch.setattr(mma_source, "PAIRED_VALUE_FIELDS", True)
-    monkeypatch.setattr(mma_source, "LAZY_MAX", True)
+    paired, lazy = mma_source.PAIRED_VALUE_FIELDS, mma_source.LAZY_MAX
+    if knobs == "flipped":
+        paired, lazy = not paired, not lazy
+        monkeypatch.setattr(mma_source, "PAIRED_VALUE_FIELDS", paired)
+        monkeypatch.setattr(mma_source, "LAZY_MAX", lazy)
     kernels, header = [], None
     for name, (keys, values) in LAYOUTS.items():
         dk, dv = sum(p.width for p in keys), sum(p.width for p in values)
@@ -353,9 +357,9 @@ def test_off_by_default_tensor_core_knobs_compile(monkeypatch):
         if not mma_applies(layout, "cuda"):
             continue
         kname, header, body, inputs, outputs = attend_source(layout, "cuda", True, prefetch=4)
-        assert "tq_any(grow)" in body and "tq_prefetch_span(lane" in body
+        assert ("tq_any(grow)" in body) == lazy and "tq_prefetch_span(lane" in body
         for j, v in enumerate(values):
-            assert (f"y01_v{j}e" in body) == (v.bits in (1, 2, 4)), name
+            assert (f"y01_v{j}e" in body) == (paired and v.bits in (1, 2, 4)), name
         args = {n: _ctype("cuda", n, "__half", layout.raw) for n in inputs}
         kernels.append((kname, body, args, {o: "float" for o in outputs}))
     assert kernels and compile_errors("cuda", header, kernels) == ""

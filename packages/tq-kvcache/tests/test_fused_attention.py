@@ -196,9 +196,9 @@ def test_fused_matches_reference(b, hq, h, d, n, extra, L, knobs, dtype):
 
 
 def _split_path(path: str, monkeypatch) -> None:
-    """Packed splits on the tensor cores (``mma``; ``mma-knobs``: with the knobs still off
-    by default: L2 prefetch, paired value fields, lazy max) or the SIMT body (``simt``),
-    at any cache length."""
+    """Packed splits on the tensor cores (``mma``: as shipped; ``mma-knobs``: the shipped
+    knobs flipped, per-lookup value fields and the eager max, with the off-by-default L2
+    prefetch) or the SIMT body (``simt``), at any cache length."""
     import tq_kernels.attention_mma_source as mma_source
     import tq_kernels.attention_plan as plan
 
@@ -206,8 +206,8 @@ def _split_path(path: str, monkeypatch) -> None:
     monkeypatch.setattr(plan, "MMA_MIN_CHUNK", 0)
     if path == "mma-knobs":
         monkeypatch.setattr(plan, "MMA_PREFETCH", 4)
-        monkeypatch.setattr(mma_source, "PAIRED_VALUE_FIELDS", True)
-        monkeypatch.setattr(mma_source, "LAZY_MAX", True)
+        monkeypatch.setattr(mma_source, "PAIRED_VALUE_FIELDS", not mma_source.PAIRED_VALUE_FIELDS)
+        monkeypatch.setattr(mma_source, "LAZY_MAX", not mma_source.LAZY_MAX)
 
 
 #: Paths of the packed splits for ``_split_path`` (test ids without spaces: the device's

@@ -60,8 +60,8 @@ MMA_ATTEND = _env_mma()
 
 
 #: Steps (16 tokens a warp) ahead that each warp of a tensor-core split prefetches into L2
-#: (0: none, the default). Off until a GPU has timed it: the runs of stop 18 had no prefetch
-#: in the kernel text (a shadowed argument, docs/kvcache.md). ``TQ_ATTEND_PREFETCH=N``.
+#: (0: none, the default). Off: timed on the H100 it made every step slower, 10-15% at
+#: 32K-128K with a distance of 4 (docs/kvcache.md). ``TQ_ATTEND_PREFETCH=N``.
 def _env_prefetch() -> int:
     text = os.environ.get("TQ_ATTEND_PREFETCH", "0")
     if not text.isdigit() or int(text) > 64:
