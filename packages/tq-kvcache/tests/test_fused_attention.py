@@ -195,6 +195,22 @@ def test_fused_matches_reference(b, hq, h, d, n, extra, L, knobs, dtype):
     assert err < tol, f"relative error {err}"
 
 
+@gpu
+@pytest.mark.parametrize("case", [0, 2, 8, 12])
+def test_queries_in_the_models_layout_are_read_through_their_strides(case):
+    """mlx-lm's attention hands over queries as a transposed (B, L, Hq, D) projection; the
+    raw-mode kernels read them in place (no contiguous copy)."""
+    b, hq, h, d, n, extra, L, knobs = CASES[case]
+    cache = _filled_cache(b, h, d, n, extra=extra, **knobs)
+    q = mx.random.normal((b, L, hq, d)).astype(mx.float16).transpose(0, 2, 1, 3)
+    mask = "causal" if L > 1 else None
+    got = fused_cache_attention(q, cache, d**-0.5, mask)
+    assert got is not None, "the fused kernels did not run"
+    want = reference_cache_attention(q, cache, d**-0.5, mask)
+    scale = max(float(mx.abs(want.astype(mx.float32)).max()), 1e-6)
+    assert float(mx.abs(got.astype(mx.float32) - want.astype(mx.float32)).max()) / scale < 5e-3
+
+
 def _split_path(path: str, monkeypatch) -> None:
     """Packed splits on the tensor cores (``mma``: as shipped; ``mma-knobs``: the shipped
     knobs flipped, per-lookup value fields and the eager max, with the off-by-default L2
@@ -266,8 +282,8 @@ def test_decode_through_the_cache_matches_reference():
 @pytest.mark.parametrize("path", SPLIT_PATHS)
 @pytest.mark.parametrize("case", [0, 1, 2, 4, 7, 8, 10, 12])
 def test_both_packed_split_paths_match_reference(case, path, monkeypatch):
-    """The tensor-core packed splits (CUDA's default where they apply), the same with the
-    knobs still off by default, and the SIMT body (Metal's, and CUDA's for 16 query rows or
+    """The tensor-core packed splits (CUDA's default where they apply), the same with their
+    knobs flipped, and the SIMT body (Metal's, and CUDA's for 16 query rows or
     ``TQ_ATTEND_MMA=0``) against the reference."""
     _split_path(path, monkeypatch)
     b, hq, h, d, n, extra, L, knobs = CASES[case]

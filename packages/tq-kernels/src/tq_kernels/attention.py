@@ -27,7 +27,7 @@ from .attention_plan import counts_values, fp_splits, launch_plan, min_blocks, s
 from .attention_plan import tensor_core_splits as tensor_core_splits
 from .attention_source import attend_source
 from .backend import kernel_backend
-from .minify import minify
+from .build import make_kernel
 
 __all__ = [
     "KeyPart",
@@ -90,15 +90,7 @@ def _row_bucket(rows: int) -> int:
 @cache
 def _compiled(source: tuple, backend: str, row_contiguous: bool):
     name, header, body, inputs, outputs = source
-    make = mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel
-    return make(
-        name=name,
-        input_names=list(inputs),
-        output_names=list(outputs),
-        source=minify(body),
-        header=minify(header),
-        ensure_row_contiguous=row_contiguous,
-    )
+    return make_kernel(backend, name, header, body, inputs, outputs, row_contiguous)
 
 
 @cache
@@ -313,7 +305,7 @@ def raw_launcher(
 
     def launch(queries: mx.array, fp_segments: tuple) -> mx.array:
         sink_k, sink_v, tail_k, tail_v = _fp_inputs(fp_segments, b, h, dk, dv)[:4]
-        inputs = [mx.contiguous(queries), *head, *parts, sink_k, sink_v, tail_k, tail_v]
+        inputs = [queries, *head, *parts, sink_k, sink_v, tail_k, tail_v]  # read via strides
         o, ml = attend(inputs=inputs, **attend_args)
         return finish(inputs=[o, ml, *finish_in], **finish_args)[0]
 

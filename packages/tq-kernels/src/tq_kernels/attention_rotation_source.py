@@ -54,9 +54,13 @@ def q_load_raw(layout: AttendLayout) -> str:
     """The queries of this (batch, KV head), scaled; in packed splits also permuted, signed
     and Hadamard-transformed per key part (R = H diag(signs), DESIGN.md), in shared memory.
     Row r of the head is query head h * rep + r / L, query r % L: with the model's
-    (B, Hq, L, D) layout that is row bh * RR + r of a (B * H * RR, D) view."""
+    (B, Hq, L, D) layout that is row bh * RR + r of a (B * Hq * L, D) view. The queries are
+    read through their strides (``TQ_Q``), so the model's transposed ones need no copy."""
     lines = [
         "  {",
+        "#define TQ_Q(g, d) tq_float(q[(size_t)((g) / q_shape[2] / q_shape[1]) * q_strides[0] + "
+        "(size_t)((g) / q_shape[2] % q_shape[1]) * q_strides[1] + "
+        "(size_t)((g) % q_shape[2]) * q_strides[2] + (size_t)(d) * q_strides[3]])",
         "    TQ_TGPTR float* qs = (TQ_TGPTR float*)q_sh4;",
         "    const float qscale = params[0];",
         "    const int RR = counts[5];",
@@ -64,7 +68,7 @@ def q_load_raw(layout: AttendLayout) -> str:
         "      for (int i = (int)tq_tid; i < R * DK; i += NT) {",
         "        const int r = i / DK;",
         "        const int d = i - r * DK;",
-        "        qs[i] = r < RR ? qscale * tq_float(q[((size_t)bh * RR + r) * DK + d]) : 0.0f;",
+        "        qs[i] = r < RR ? qscale * TQ_Q(bh * RR + r, d) : 0.0f;",
         "      }",
         "    } else {",
     ]
@@ -77,11 +81,11 @@ def q_load_raw(layout: AttendLayout) -> str:
             f"        const int j = i - r * {p.width};",
             f"        const int c = {chan};",
             f"        qs[r * DQ + {p.qoff} + j] = r < RR ? qscale * {norm!r}f * k{i}_signs[j] *",
-            "            tq_float(q[((size_t)bh * RR + r) * DK + c]) : 0.0f;",
+            "            TQ_Q(bh * RR + r, c) : 0.0f;",
             "      }",
         ]
     lines.append("      TQ_BARRIER();")
     for p in layout.keys:
         lines.append(fwht("qs", str(p.qoff), p.width, "R", "DQ", "NT"))
-    lines += ["    }", "  }"]
+    lines += ["    }", "#undef TQ_Q", "  }"]
     return "\n".join(lines)

@@ -7,10 +7,37 @@ from functools import cache
 import mlx.core as mx
 
 from .backend import kernel_backend
+from .kernel_file import by_file
 from .minify import minify
 from .sources import kernel_source
 
-__all__ = ["get_kernel"]
+__all__ = ["get_kernel", "make_kernel"]
+
+
+def make_kernel(
+    backend: str,
+    name: str,
+    header: str,
+    body: str,
+    input_names,
+    output_names,
+    row_contiguous: bool,
+):
+    """An MLX custom kernel of this text for ``backend``: minified, and on CUDA handed over
+    as files (:mod:`tq_kernels.kernel_file`)."""
+    header, body = minify(header), minify(body)
+    make = mx.fast.metal_kernel
+    if backend == "cuda":
+        header, body = by_file(header, body, input_names)
+        make = mx.fast.cuda_kernel
+    return make(
+        name=name,
+        input_names=list(input_names),
+        output_names=list(output_names),
+        source=body,
+        header=header,
+        ensure_row_contiguous=row_contiguous,
+    )
 
 
 @cache
@@ -27,12 +54,6 @@ def get_kernel(
     if backend is None:
         raise RuntimeError("tq-kernels: no GPU backend (Metal or CUDA) is available")
     src = kernel_source(op, backend, qjl, rotate, segments)
-    make = mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel
-    return make(
-        name=src.name,
-        input_names=list(src.input_names),
-        output_names=list(src.output_names),
-        source=minify(src.body),
-        header=minify(src.header),
-        ensure_row_contiguous=True,
+    return make_kernel(
+        backend, src.name, src.header, src.body, src.input_names, src.output_names, True
     )
