@@ -3,10 +3,14 @@ the host building step n + 1's graph, ``mx.async_eval`` encoding it (MLX's ``eva
 every op, CUDA graph work), and waiting for step n's token. The fp16 cache and TurboQuant
 caches over one model (random weights), all filled by a prefill of --context tokens, then
 measured in turns (a round of each cache, then the next round; medians after a warmup);
-with --profile, the top host functions of a TurboQuant step (cProfile).
+with --profile, the top host functions of a TurboQuant step (cProfile). ``--fill random``
+fills every layer's cache with random keys and values in 4K-token chunks instead of a
+prefill (decode speed does not depend on what the cache holds, and a 128K prefill of a 3B
+model takes minutes), so long contexts fit a device call.
 
 usage: python benchmarks/device/decode_split.py --model-dir DIR [--context 8192]
-           [--settings K4V3,K3V2] [--tokens 64] [--rounds 4] [--profile] [--json F]
+           [--settings K4V3,K3V2] [--tokens 64] [--rounds 4] [--fill prefill|random]
+           [--profile] [--json F]
 """
 
 from __future__ import annotations
@@ -52,6 +56,19 @@ def split_round(model, cache, tok, tokens, profiler=None):
     return [p / tokens * 1e3 for p in parts], y
 
 
+def random_fill(model, cache: list, tokens: int) -> mx.array:
+    """Every layer's cache holding ``tokens`` random fp16 keys and values; the first token."""
+    args = model.args
+    kv_heads = args.num_key_value_heads
+    head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+    for layer in cache:
+        for start in range(0, tokens, 4096):
+            n = min(4096, tokens - start)
+            k, v = (mx.random.normal((1, kv_heads, n, head_dim)).astype(mx.float16) for _ in "kv")
+            mx.eval(layer.update_and_fetch(k, v))
+    return mx.array([0])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-dir", required=True)
@@ -59,6 +76,7 @@ def main():
     ap.add_argument("--settings", default="K4V3,K3V2")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=4, help="measured rounds (after a warmup)")
+    ap.add_argument("--fill", choices=("prefill", "random"), default="prefill")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -69,7 +87,11 @@ def main():
     live = {}
     for kind, s in kinds:  # every cache filled first, then the rounds visit them in turn
         cache = bench_kv._make_cache(model, kind, s)
-        live[kind] = [cache, bench_kv.prefill(model, prompt, cache), []]
+        if a.fill == "random":
+            first = random_fill(model, cache, a.context)
+        else:
+            first = bench_kv.prefill(model, prompt, cache)
+        live[kind] = [cache, first, []]
     for _ in range(a.rounds + 1):
         for entry in live.values():
             parts, entry[1] = split_round(model, entry[0], entry[1], a.tokens)
@@ -78,6 +100,7 @@ def main():
         build, encode, wait = (statistics.median(r[i] for r in rounds[1:]) for i in range(3))
         rows.emit(
             context=a.context,
+            fill=a.fill,
             kind=kind,
             build_ms=round(build, 3),
             async_eval_ms=round(encode, 3),
