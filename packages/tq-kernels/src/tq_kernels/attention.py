@@ -188,6 +188,8 @@ def _fp_inputs(fp_segments, b, h, dk, dv):
     sink_k, sink_v, tail_k, tail_v = fp_segments
     n_sink = 0 if sink_k is None else sink_k.shape[2]
     n_tail = 0 if tail_k is None else tail_k.shape[2]
+    if n_sink and n_tail and sink_k.dtype == tail_k.dtype:  # a decode step's usual case
+        return sink_k, sink_v, tail_k, tail_v, n_sink, n_tail
     some_k = next((x for x in (sink_k, tail_k) if x is not None and x.shape[2]), None)
     some_v = next((x for x in (sink_v, tail_v) if x is not None and x.shape[2]), None)
     if some_k is None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from .fused_attention import fused_cache_attention
+
 __all__ = ["packed_attention", "cache_attention", "reference_cache_attention"]
 
 
@@ -107,8 +109,6 @@ def packed_attention(
 def cache_attention(queries, cache, scale: float, mask=None, sinks=None) -> mx.array:
     """Attention over a :class:`TurboQuantKVCache`: the fused GPU kernels where they apply
     (:mod:`tq_kvcache.fused_attention`), else :func:`packed_attention`."""
-    from .fused_attention import fused_cache_attention
-
     out = fused_cache_attention(queries, cache, scale, mask, sinks)
     if out is not None:
         return out

@@ -15,6 +15,7 @@ gets correct keys and values.
 from __future__ import annotations
 
 import copy
+from operator import is_
 
 import mlx.core as mx
 from mlx_lm.models.base import create_causal_mask
@@ -254,7 +255,7 @@ class TurboQuantKVCache(CacheState):
             and memo[0] == self._packed_version
             and memo[1] == n
             and len(memo[2]) == len(stores)
-            and all(a is b for a, b in zip(memo[2], stores))
+            and all(map(is_, memo[2], stores))
         ):
             return memo[3]
         codes = (

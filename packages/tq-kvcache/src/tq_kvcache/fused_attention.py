@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import warnings
 from functools import cache
+from operator import is_
 
 import mlx.core as mx
 from tq_core.rotation import rotate, unrotate
@@ -195,7 +196,7 @@ def _kept_launch(queries, cache, scale, mask, sinks):
     segments = cache.segments()
     ids, values = _launch_key(queries, segments, scale, mask, sinks)
     (kept_ids, kept_values), launch = kept
-    if values != kept_values or any(a is not b for a, b in zip(ids, kept_ids)):
+    if values != kept_values or not all(map(is_, ids, kept_ids)):
         return None
     sink_k, sink_v, _, _, tail_k, tail_v = segments
     try:
