@@ -4,9 +4,9 @@ A decode step of a 1B-class model with TurboQuant weights spends more host time 
 graph than with affine weights (decode_split.py --weights). This splits a TurboQuant
 projection into the layers of its call (the layer's ``__call__``, ``fused_rotating_matmul``,
 the plan's validity check, the compiled launch alone) and times each against the affine
-layer's call, and the embedding lookup of one token: us per call to record it (no evaluation; a round of N calls is evaluated
-after it is timed), medians of 5 rounds after a warmup. One decoder layer of the model's
-config, random weights.
+layer's call, and the embedding lookup of one token: us per call to record it (no
+evaluation; a round of N calls is evaluated after it is timed), medians of 5 rounds after a
+warmup. One decoder layer of the model's config, random weights.
 
 usage: python benchmarks/device/probe_projection_cost.py --model-dir DIR [--calls 500] [--json F]
 """
@@ -73,11 +73,11 @@ def main():
             if entry is None or entry.plan is None:
                 print("no decode plan (no GPU kernels here): the plan's levels are skipped")
                 continue
-            kinds["tq3 down: fused_rotating_matmul"] = lambda: down.fused_rotating_matmul(
+            kinds["tq3 down: fused_rotating_matmul"] = lambda d=down: d.fused_rotating_matmul(
                 h, h.dtype
             )
-            kinds["tq3 down: plan validity"] = lambda: entry.valid(plans.layers)
-            kinds["tq3 down: compiled launch alone"] = lambda: entry.plan(h)
+            kinds["tq3 down: plan validity"] = lambda e=entry, p=plans: e.valid(p.layers)
+            kinds["tq3 down: compiled launch alone"] = lambda e=entry: e.plan(h)
     for kind, fn in kinds.items():
         rows.emit(kind=kind, build_us=round(_time(fn, a.calls), 2))
     rows.save()
