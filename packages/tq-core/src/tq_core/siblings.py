@@ -33,16 +33,23 @@ class SiblingGroup:
         # sharing a model may overwrite it, but never pair one input with another's outputs.
         self._memo: tuple = (None, {})
 
+    def take(self, layer, x: mx.array) -> mx.array | None:
+        """``layer``'s product for ``x`` if the group's last launch computed it (a sibling
+        was called on this very ``x`` first), else ``None``; each is handed out once."""
+        memo_x, outputs = self._memo
+        if memo_x is not x:
+            return None
+        y = outputs.pop(id(layer), None)
+        if y is not None and not outputs:
+            self._memo = (None, {})  # every sibling served: drop the input
+        return y
+
     def output(self, layer, x: mx.array, xd: mx.array) -> mx.array | None:
         """``layer``'s product for input ``x`` (``xd``: x in the compute dtype), from the
         group's launch; ``None`` where no fused plan applies or ``layer`` left the group."""
-        memo_x, outputs = self._memo
-        if memo_x is x:
-            y = outputs.pop(id(layer), None)
-            if y is not None:
-                if not outputs:
-                    self._memo = (None, {})  # every sibling served: drop the input
-                return y
+        y = self.take(layer, x)
+        if y is not None:
+            return y
         position = next((i for i, m in enumerate(self.layers) if m is layer), None)
         if position is None:
             return None

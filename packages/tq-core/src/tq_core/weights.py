@@ -9,6 +9,7 @@ the matvec is a table lookup, with no per-weight inverse rotation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import mlx.core as mx
 
@@ -105,11 +106,19 @@ def quantize_weight(
     return QuantizedWeight(packed, scales, bits, group_size)
 
 
+@cache
+def _weight_centroids(bits: int) -> mx.array:
+    """The weight codebook's centroids as one evaluated float32 array per bit width: an
+    embedding lookup dequantizes rows every decode step, and making the array from the
+    codebook's numpy values each time cost more host time than the lookup's ops."""
+    return gaussian_codebook(bits).centroids_mx()  # made from numpy: holds its data now
+
+
 def dequantize_weight_rotated(q: QuantizedWeight, dtype=mx.float32) -> mx.array:
     """``s ⊙ C[idx]``: the weight in the rotated basis, (..., out, in)."""
     idx = _unpack(q.indices, q.bits, q.in_features)
     lead = idx.shape[:-1]
-    c = gaussian_codebook(q.bits).centroids_mx()[idx]
+    c = _weight_centroids(q.bits)[idx]
     c = c.reshape(*lead, -1, q.group_size) * q.scales.astype(mx.float32)[..., None]
     return c.reshape(*lead, q.in_features).astype(dtype)
 
