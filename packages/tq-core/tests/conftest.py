@@ -1,7 +1,12 @@
-"""Shared test helpers for tq-core: device-aware closeness for float32 matmul results."""
+"""Shared test helpers for tq-core: device-aware closeness for float32 matmul results, a fake
+``rotating_matmul_plan`` kernel (mlx ops on the CPU, counting builds and launches) and a tiny
+quantized llama."""
 
 import mlx.core as mx
 import pytest
+from tq_core import QuantRecipe, dispatch, quantize_model
+from tq_core.rotation import rotate
+from tq_core.weights import dequantize_weight_rotated
 
 
 def _relative_error(a: mx.array, b: mx.array) -> float:
@@ -37,3 +42,57 @@ def needs_hadamard():
             pytest.skip(str(e))
 
     return check
+
+
+class FakePlans:
+    """A ``rotating_matmul_plan`` kernel computed with mlx ops, counting builds and launches."""
+
+    def __init__(self):
+        self.builds, self.launches, self.widths = 0, 0, []
+
+    def __call__(self, x, codes, rotation):
+        if x.size > 2 * x.shape[-1]:
+            return None  # like the real kernel: decode rows only
+        self.builds += 1
+        weights = [dequantize_weight_rotated(c, dtype=x.dtype) for c in codes]
+
+        def plan(x2):
+            assert x2.shape == x.shape and x2.dtype == x.dtype
+            self.launches += 1
+            self.widths.append(len(weights))
+            xr = rotate(x2, rotation)
+            return [xr @ w.T for w in weights]
+
+        return plan
+
+
+@pytest.fixture
+def fake():
+    kernel = FakePlans()
+    dispatch._load_providers()  # an installed tq-kernels must not replace the fake later
+    dispatch.register_kernel("rotating_matmul_plan", kernel)
+    yield kernel
+    for op in dispatch.OPS:
+        dispatch.unregister_kernel(op)
+    dispatch._failed.clear()
+
+
+def _tiny_llama():
+    from mlx_lm.models import llama
+
+    args = llama.ModelArgs(
+        model_type="llama", hidden_size=128, num_hidden_layers=2, intermediate_size=256,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=64,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    mx.random.seed(0)
+    model = llama.Model(args)
+    quantize_model(model, QuantRecipe(bits=3, group_size=64))
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.fixture
+def tiny_llama_model():
+    """``tiny_llama_model()``: a 2-layer llama of random weights, quantized to 3 bits."""
+    return _tiny_llama

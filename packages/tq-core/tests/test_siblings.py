@@ -3,64 +3,13 @@ reference path, rebuilt when weights or the dispatch state change (CPU, a fake k
 
 import mlx.core as mx
 import mlx.nn as nn
-import pytest
-from tq_core import QuantRecipe, TurboQuantLinear, dispatch, group_siblings, quantize_model
+from tq_core import TurboQuantLinear, dispatch, group_siblings
 from tq_core.decode_plan import MAX_PLANS
-from tq_core.rotation import rotate
 from tq_core.siblings import SiblingGroup
-from tq_core.weights import dequantize_weight_rotated
 
 
-class FakePlans:
-    """A ``rotating_matmul_plan`` kernel computed with mlx ops, counting builds and launches."""
-
-    def __init__(self):
-        self.builds, self.launches, self.widths = 0, 0, []
-
-    def __call__(self, x, codes, rotation):
-        if x.size > 2 * x.shape[-1]:
-            return None  # like the real kernel: decode rows only
-        self.builds += 1
-        weights = [dequantize_weight_rotated(c, dtype=x.dtype) for c in codes]
-
-        def plan(x2):
-            assert x2.shape == x.shape and x2.dtype == x.dtype
-            self.launches += 1
-            self.widths.append(len(weights))
-            xr = rotate(x2, rotation)
-            return [xr @ w.T for w in weights]
-
-        return plan
-
-
-@pytest.fixture
-def fake():
-    kernel = FakePlans()
-    dispatch._load_providers()  # an installed tq-kernels must not replace the fake later
-    dispatch.register_kernel("rotating_matmul_plan", kernel)
-    yield kernel
-    for op in dispatch.OPS:
-        dispatch.unregister_kernel(op)
-    dispatch._failed.clear()
-
-
-def tiny_llama():
-    from mlx_lm.models import llama
-
-    args = llama.ModelArgs(
-        model_type="llama", hidden_size=128, num_hidden_layers=2, intermediate_size=256,
-        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=64,
-        tie_word_embeddings=False,
-    )  # fmt: skip
-    mx.random.seed(0)
-    model = llama.Model(args)
-    quantize_model(model, QuantRecipe(bits=3, group_size=64))
-    mx.eval(model.parameters())
-    return model
-
-
-def test_llama_decode_runs_one_launch_per_sibling_group(fake, assert_close):
-    model = tiny_llama()
+def test_llama_decode_runs_one_launch_per_sibling_group(tiny_llama_model, fake, assert_close):
+    model = tiny_llama_model()
     assert all(
         isinstance(la.__dict__.get("_siblings"), SiblingGroup)
         for name, la in model.named_modules()
@@ -84,8 +33,8 @@ def _reference(model, tok):
         return model(tok)
 
 
-def test_prefill_rows_take_the_layer_path(fake, assert_close):
-    model = tiny_llama()
+def test_prefill_rows_take_the_layer_path(tiny_llama_model, fake, assert_close):
+    model = tiny_llama_model()
     tok = mx.array([[1, 2, 3, 4]])
     assert_close(model(tok), _reference(model, tok))
     assert fake.launches == 0

@@ -12,6 +12,7 @@ from mlx.utils import tree_map_with_path
 from mlx_lm.utils import _get_classes, load_tokenizer
 
 from ..checkpoint import CheckpointError, load_weights, read_quantization
+from ..decode_mlp import compile_decode_mlps
 from ..quantize_model import apply_plan
 from ..siblings import group_siblings
 
@@ -75,6 +76,7 @@ def load(
     mx.eval(model.parameters())
     model.eval()
     group_siblings(model)
+    compile_decode_mlps(model)
     if not tokenizer:
         return model, None
     tok = load_tokenizer(path, eos_token_ids=model_config.get("eos_token_id"))
