@@ -59,7 +59,13 @@ class TurboQuantLinear(TurboQuantWeights):
         # the hit is most projections of a decode step, so it skips the product's layers.
         y = None if group is None else group.take(self, x)
         if y is None:
-            y = self.product(x, compute_dtype(x))
+            dtype = compute_dtype(x)
+            # A plain layer's product is the fused kernel first (dense_product): asked
+            # straight, without those frames, every decode step.
+            if type(self) is TurboQuantLinear:
+                y = self.fused_rotating_matmul(x, dtype)
+            if y is None:
+                y = self.product(x, dtype)
         dtype = y.dtype
         if "bias" in self:
             y = y + self.bias.astype(dtype)

@@ -29,6 +29,7 @@ class SiblingGroup:
     def __init__(self, layers):
         self.layers = tuple(layers)
         self.plans = PlanCache(self.layers)
+        self._position = {id(m): i for i, m in enumerate(self.layers)}  # held: ids stay
         # (x, {id(layer): output}) of the last launch, replaced in one assignment: threads
         # sharing a model may overwrite it, but never pair one input with another's outputs.
         self._memo: tuple = (None, {})
@@ -50,7 +51,7 @@ class SiblingGroup:
         y = self.take(layer, x)
         if y is not None:
             return y
-        position = next((i for i, m in enumerate(self.layers) if m is layer), None)
+        position = self._position.get(id(layer))
         if position is None:
             return None
         outs = self.plans.run(xd)
