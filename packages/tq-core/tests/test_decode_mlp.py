@@ -73,6 +73,17 @@ def test_reference_only_and_prefill_shapes_run_plainly(fake, tiny_llama_model, a
     assert not any(key[0] == prefill.shape for key in mlp.__dict__["_tq_replay"].entries)
 
 
+def test_a_replaced_projection_is_examined_afresh(fake, tiny_llama_model, assert_close):
+    mlp = tiny_llama_model().model.layers[0].mlp
+    x = mx.random.normal((1, 1, 128))
+    for _ in range(3):
+        mx.eval(mlp(x))
+    mlp.down_proj = nn.Linear(256, 128, bias=False)  # e.g. a sharded layer put in its place
+    for _ in range(3):
+        assert_close(mlp(x), _plain(mlp, x))
+    assert mlp.__dict__["_tq_replay"].layers is None  # no longer an MLP it takes
+
+
 class _Gated(nn.Module):
     def __init__(self, extra: bool):
         super().__init__()

@@ -10,7 +10,8 @@ call at a decode shape (which builds the projections' plans) the MLP is traced o
 
 Only MLPs made of exactly three TurboQuant projections (gate/up/down or w1/w3/w2) and no
 other parameters are taken, at decode shapes (at most ``MAX_ROWS`` rows) and only where all
-three ran as fused plans. A trace holds while the dispatch generation, the default device
+three ran as fused plans; a projection replaced by another object (sharding) has the MLP
+examined afresh. A trace holds while the dispatch generation, the default device
 and every projection's arrays are the ones it was recorded with, like the plans themselves
 (decode_plan.py); loading weights or :func:`tq_core.dispatch.reference_only` falls back to
 the plain call and retraces later. The module's class becomes a subclass of its own that
@@ -44,19 +45,25 @@ MLP_SETS = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 _LEAVES = {"indices", "scales", "signs", "bias"}
 
 
-def _projections(module: nn.Module) -> tuple[TurboQuantLinear, ...] | None:
-    """The MLP's three projections when it is made of them and nothing else."""
+def _projections(module: nn.Module) -> tuple[tuple, tuple] | None:
+    """``(names, layers)``: the MLP's three projections when it is made of them and nothing
+    else."""
     if not isinstance(module, nn.Module):
         return None
     for names in MLP_SETS:
         layers = tuple(module.get(n) for n in names)
-        if any(type(la) is not TurboQuantLinear or la.use_qjl for la in layers):
+        if any(
+            type(la) is not TurboQuantLinear
+            or la.use_qjl
+            or la.__dict__.get("input_slice") is not None  # sharded in place: the model sums
+            for la in layers
+        ):
             continue
         for path, _ in tree_flatten(module.parameters()):
             head, _, leaf = path.partition(".")
             if head not in names or leaf not in _LEAVES:
                 return None  # another parameter: its identity would go unchecked
-        return layers
+        return names, layers
     return None
 
 
@@ -88,10 +95,10 @@ class _Replay:
     ``plain`` (not every projection ran a plan: stay plain), or ``replay`` with ``held`` =
     (the projections' arrays it was traced with, the compiled call)."""
 
-    __slots__ = ("layers", "entries")
+    __slots__ = ("names", "layers", "entries")
 
-    def __init__(self, layers):
-        self.layers = layers
+    def __init__(self, names, layers):
+        self.names, self.layers = names, layers  # layers None: no longer an MLP to take
         self.entries: dict[tuple, tuple] = {}
 
 
@@ -110,6 +117,15 @@ def _replay(module, x: mx.array):
     if x.ndim < 2 or x.size > MAX_ROWS * x.shape[-1]:
         return None
     state: _Replay = module.__dict__["_tq_replay"]
+    if state.layers is None:
+        return None
+    if any(module.get(n) is not la for n, la in zip(state.names, state.layers)):
+        # A projection was replaced (sharding, a new layer): take the MLP afresh.
+        found = _projections(module)
+        state.names, state.layers = found or ((), None)
+        state.entries.clear()
+        if found is None:
+            return None
     key = (x.shape, x.dtype)
     now = (dispatch.generation(), mx.default_device())
     entry = state.entries.get(key)
@@ -122,6 +138,10 @@ def _replay(module, x: mx.array):
             if all(map(is_, arrays, _arrays(state.layers))):
                 return fn
         else:
+            found = _projections(module)  # once per trace: sharded in place since?
+            if found is None or any(a is not b for a, b in zip(found[1], state.layers)):
+                state.layers = None
+                return None
             plans = {_plan(la, x.shape[:-1], compute_dtype(x)) for la in state.layers}
             if plans == {"valid"}:
                 fn = mx.compile(super(_ReplayedDecode, module).__call__)
@@ -156,10 +176,10 @@ def compile_decode_mlps(model: nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, _ReplayedDecode):
             continue
-        layers = _projections(module)
-        if layers is None:
+        found = _projections(module)
+        if found is None:
             continue
         module.__class__ = _replaying_class(type(module))
-        module.__dict__["_tq_replay"] = _Replay(layers)
+        module.__dict__["_tq_replay"] = _Replay(*found)
         taken += 1
     return taken
