@@ -4,7 +4,8 @@ A decode step of a 1B-class model with TurboQuant weights spends more host time 
 graph than with affine weights (decode_split.py --weights). This splits a TurboQuant
 projection into the layers of its call (the layer's ``__call__``, ``fused_rotating_matmul``,
 the plan's validity check, the compiled launch alone) and times each against the affine
-layer's call, and the embedding lookup of one token: us per call to record it (no
+layer's call, and the embedding lookup of one token, a whole decoder layer and its attention
+(with an fp16 cache): us per call to record it (no
 evaluation; a round of N calls is evaluated after it is timed), medians of 5 rounds after a
 warmup. One decoder layer of the model's config, random weights.
 
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import load_config
 from probe_rows import ProbeRows
 
@@ -65,6 +67,9 @@ def main():
         kinds[f"{variant} q/k/v"] = qkv
         kinds[f"{variant} down"] = lambda mlp=mlp: mlp.down_proj(h)
         kinds[f"{variant} mlp"] = lambda mlp=mlp: mlp(x)
+        layer_cache, attention_cache = KVCache(), KVCache()
+        kinds[f"{variant} decoder layer"] = lambda la=layer, c=layer_cache: la(x, None, c)
+        kinds[f"{variant} attention"] = lambda at=at, c=attention_cache: at(x, None, c)
         if variant == "tq3":
             mx.eval(qkv(), mlp(x))  # builds the plans
             down = mlp.down_proj
