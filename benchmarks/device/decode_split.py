@@ -65,19 +65,6 @@ def split_round(model, cache, tok, tokens, profiler=None):
     return [p / tokens * 1e3 for p in parts], y
 
 
-def random_fill(model, cache: list, tokens: int) -> mx.array:
-    """Every layer's cache holding ``tokens`` random fp16 keys and values; the first token."""
-    args = model.args
-    kv_heads = args.num_key_value_heads
-    head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
-    for layer in cache:
-        for start in range(0, tokens, 4096):
-            n = min(4096, tokens - start)
-            k, v = (mx.random.normal((1, kv_heads, n, head_dim)).astype(mx.float16) for _ in "kv")
-            mx.eval(layer.update_and_fetch(k, v))
-    return mx.array([0])
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-dir", required=True)
@@ -110,7 +97,7 @@ def main():
         model = models[kind]
         cache = make_prompt_cache(model) if a.weights else bench_kv._make_cache(model, kind, s)
         if a.fill == "random":
-            first = random_fill(model, cache, a.context)
+            first = bench_kv.random_fill(model, cache, a.context)
         else:
             first = bench_kv.prefill(model, prompt, cache)
         live[kind] = [cache, first, []]

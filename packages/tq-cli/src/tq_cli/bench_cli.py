@@ -169,6 +169,13 @@ def _add_bench_kv(bench_sub) -> None:
     kv.add_argument("--model", help="also run a whole model (config dir) at --model-contexts")
     kv.add_argument("--model-contexts", type=int_list, default=[8192, 32768])
     kv.add_argument("--decode-tokens", type=int, default=32)
+    kv.add_argument(
+        "--model-fill",
+        choices=("prefill", "random"),
+        default="prefill",
+        help="fill the whole model's caches by a prefill (measures its speed and peak "
+        "memory) or with random keys and values (decode speed only; long contexts quickly)",
+    )
     kv.add_argument("--no-attention", action="store_true", help="only the whole-model part")
     kv.add_argument("--json", action="store_true", help="print JSON (tables go to stderr)")
     kv.add_argument("--out", help="also write the JSON to this file")
@@ -206,6 +213,7 @@ def _bench_kv(args: argparse.Namespace) -> int:
             args.decode_tokens,
             args.repeats,
             progress=lambda m: print(f"tq bench kv: {m}", file=sys.stderr, flush=True),
+            fill=args.model_fill,
         )
     print(bench_kv.render(result), file=sys.stderr if args.json else sys.stdout)
     if args.json:

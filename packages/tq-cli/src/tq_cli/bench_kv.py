@@ -196,6 +196,34 @@ def prefill(model, prompt: mx.array, cache: list) -> mx.array:
     return prompt[-1:]
 
 
+#: ``--model-fill``: how the bench fills the caches before decoding.
+FILLS = ("prefill", "random")
+_FILL_CHUNK = 4096
+
+
+def random_fill(model, cache: list, tokens: int) -> mx.array:
+    """Every layer's cache holding ``tokens`` random fp16 keys and values, written in chunks
+    of 4096 through ``update_and_fetch`` (a TurboQuant cache compresses them as a prefill
+    would); returns the token a decode step starts from. Decode speed does not depend on
+    what the caches hold, and a 128K prefill of a 3B model takes minutes; prefill speed and
+    peak memory are then not measured."""
+    args = getattr(model, "args", None)
+    kv_heads = getattr(args, "num_key_value_heads", None)
+    heads = getattr(args, "num_attention_heads", None)
+    if not kv_heads or not heads or len(cache) != len(model.layers):
+        raise ValueError(
+            "--model-fill random needs an attention model with one KV cache a layer "
+            "(num_attention_heads, num_key_value_heads); use --model-fill prefill"
+        )
+    head_dim = getattr(args, "head_dim", None) or args.hidden_size // heads
+    for layer in cache:
+        for start in range(0, tokens, _FILL_CHUNK):
+            n = min(_FILL_CHUNK, tokens - start)
+            k, v = (mx.random.normal((1, kv_heads, n, head_dim)).astype(mx.float16) for _ in "kv")
+            mx.eval(layer.update_and_fetch(k, v))
+    return mx.array([0])
+
+
 def _warm_up(model, kind: str, setting, prompt: mx.array) -> None:
     """A short prefill (two chunks, so a TurboQuant cache attends over packed tokens) and
     two decode steps."""
@@ -237,13 +265,19 @@ def _decode_rate(model, tok: mx.array, cache: list, tokens: int) -> tuple[float,
     return tokens / (time.perf_counter() - t0), tok
 
 
-def model_rows(model, contexts, settings, decode_tokens=32, repeats=3, progress=None):
+def model_rows(
+    model, contexts, settings, decode_tokens=32, repeats=3, progress=None, fill="prefill"
+):
     """Prefill each context with each cache, then decode: peak memory, bytes, tokens/s
     (``decode``: a loop that evaluates each token before building the next step, so host
     and GPU time add up; ``generate``: mlx-lm's pipelined ``generate_step``). Every cache of
     a context is kept filled, and the decode rounds visit them in turn (one round of each
     cache, then the next round), so a drift of the host's speed reaches every cache alike;
-    the first round is a warmup, the rest give the median."""
+    the first round is a warmup, the rest give the median. ``fill="random"`` fills the
+    caches with :func:`random_fill` instead of a prefill (its rows have no prefill speed
+    or peak)."""
+    if fill not in FILLS:
+        raise ValueError(f"fill must be one of {', '.join(FILLS)}, got {fill!r}")
     rows = []
     kinds = [("fp16", None), ("mlx-lm-4bit", None)] + [(s["name"], s) for s in settings]
     vocab = model.args.vocab_size if hasattr(model, "args") else 32000
@@ -267,13 +301,18 @@ def model_rows(model, contexts, settings, decode_tokens=32, repeats=3, progress=
                 mx.reset_peak_memory()
                 base = mx.get_active_memory()
                 t0 = time.perf_counter()
-                tok = prefill(model, prompt, cache)
+                if fill == "random":
+                    tok = random_fill(model, cache, T)
+                else:
+                    tok = prefill(model, prompt, cache)
                 prefill_s = time.perf_counter() - t0
+                prefilled = fill == "prefill"
                 row = {
                     "context": T,
                     "kind": kind,
-                    "prefill_tok_per_s": T / prefill_s,
-                    "prefill_peak_bytes": mx.get_peak_memory() - base,
+                    "fill": fill,
+                    "prefill_tok_per_s": T / prefill_s if prefilled else None,
+                    "prefill_peak_bytes": mx.get_peak_memory() - base if prefilled else None,
                     "cache_bytes": _cache_bytes(cache),
                 }
                 rows.append(row)
@@ -302,8 +341,22 @@ def model_rows(model, contexts, settings, decode_tokens=32, repeats=3, progress=
             if r["context"] == T and "error" not in r and "error" not in fp16:
                 r["decode_vs_fp16"] = r["decode_tok_per_s"] / fp16["decode_tok_per_s"]
                 r["generate_vs_fp16"] = r["generate_tok_per_s"] / fp16["generate_tok_per_s"]
-                r["peak_vs_fp16"] = r["prefill_peak_bytes"] / max(fp16["prefill_peak_bytes"], 1)
+                if fill == "prefill":
+                    peak = r["prefill_peak_bytes"] / max(fp16["prefill_peak_bytes"], 1)
+                    r["peak_vs_fp16"] = peak
     return rows
+
+
+def _prefill_cells(row: dict) -> list[str]:
+    """Prefill tok/s, peak MiB and peak vs fp16, or dashes where the caches were filled
+    with random keys and values (nothing prefilled)."""
+    if row.get("prefill_tok_per_s") is None:
+        return ["-", "-", "-"]
+    return [
+        f"{row['prefill_tok_per_s']:.0f}",
+        f"{row['prefill_peak_bytes'] / 2**20:.0f}",
+        f"{row['peak_vs_fp16']:.2f}x",
+    ]
 
 
 def render(result: dict) -> str:
@@ -335,9 +388,7 @@ def render(result: dict) -> str:
                 f"{r['decode_vs_fp16']:.2f}x",
                 f"{r['generate_tok_per_s']:.1f}",
                 f"{r['generate_vs_fp16']:.2f}x",
-                f"{r['prefill_tok_per_s']:.0f}",
-                f"{r['prefill_peak_bytes'] / 2**20:.0f}",
-                f"{r['peak_vs_fp16']:.2f}x",
+                *_prefill_cells(r),
                 f"{r['cache_bytes'] / 2**20:.1f}",
             ]
             for r in result["model"]
