@@ -4,10 +4,18 @@ the dispatch state change (CPU, the fake plan kernel of conftest.py)."""
 
 import mlx.core as mx
 import mlx.nn as nn
+import pytest
+import tq_core.decode_mlp as decode_mlp
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 from tq_core import QuantRecipe, compile_decode_mlps, dispatch, quantize_model
 from tq_core.decode_mlp import MAX_ROWS
+
+
+@pytest.fixture(autouse=True)
+def replay_on(monkeypatch):
+    """The replay is off by default until a GPU test has compared it (decode_mlp.REPLAY)."""
+    monkeypatch.setattr(decode_mlp, "REPLAY", True)
 
 
 def _plain(mlp, x):
@@ -108,3 +116,12 @@ def test_mlps_with_other_parameters_or_qjl_are_left_alone():
     qjl = nn.Sequential(_Gated(extra=False))
     quantize_model(qjl, QuantRecipe(bits=3, group_size=64, use_qjl=True))
     assert type(qjl.layers[0]) is _Gated
+
+
+def test_off_every_call_runs_plainly(fake, tiny_llama_model, monkeypatch):
+    monkeypatch.setattr(decode_mlp, "REPLAY", False)
+    mlp = tiny_llama_model().model.layers[0].mlp
+    x = mx.random.normal((1, 1, 128))
+    for _ in range(5):
+        mx.eval(mlp(x))
+    assert fake.launches == 10  # gate/up and down, every call

@@ -347,3 +347,37 @@ def test_llama_decode_with_sibling_groups_matches_reference_path():
             ref = model(t)
         assert rel_err(fused, ref.astype(mx.float32)) < 1e-2
     assert not dispatch._failed
+
+
+def test_replayed_decode_mlp_matches_reference_path(monkeypatch):
+    """A llama MLP of TurboQuant projections replaying its compiled decode trace (tq_core's
+    decode_mlp: the fused plans recorded once, replayed from C++) against the reference."""
+    import tq_core.decode_mlp as decode_mlp
+    from mlx_lm.models import llama
+    from tq_core import QuantRecipe, quantize_model
+
+    register_all()
+    monkeypatch.setattr(decode_mlp, "REPLAY", True)
+    args = llama.ModelArgs(
+        model_type="llama", hidden_size=512, num_hidden_layers=1, intermediate_size=1536,
+        num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=300,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    mx.random.seed(1)
+    model = llama.Model(args)
+    quantize_model(model, QuantRecipe(bits=3, group_size=64))
+    model.set_dtype(mx.float16)
+    mlp = model.model.layers[0].mlp
+    xs = [mx.random.normal((1, 1, 512)).astype(mx.float16) for _ in range(5)]
+    with dispatch.reference_only():
+        want = [mlp(x) for x in xs]
+        mx.eval(want)
+    got = []
+    for x in xs:  # plain (builds the plans), traced, then replayed
+        got.append(mlp(x))
+        mx.eval(got[-1])
+    entry = mlp.__dict__["_tq_replay"].entries[(xs[0].shape, mx.float16)]
+    assert entry[0] == "replay"
+    for g, w in zip(got, want):
+        assert rel_err(g, w.astype(mx.float32)) < 1e-2
+    assert not dispatch._failed
