@@ -18,6 +18,16 @@ def replay_on(monkeypatch):
     monkeypatch.setattr(decode_mlp, "REPLAY", True)
 
 
+def _replaying_mlp(tiny_llama_model):
+    """Layer 0's MLP of a tiny llama after three calls on one input (plain, traced,
+    replayed), and that input."""
+    mlp = tiny_llama_model().model.layers[0].mlp
+    x = mx.random.normal((1, 1, 128))
+    for _ in range(3):
+        mx.eval(mlp(x))
+    return mlp, x
+
+
 def _plain(mlp, x):
     return super(type(mlp), mlp).__call__(x)  # the class the MLP had before
 
@@ -50,10 +60,7 @@ def test_replayed_calls_match_the_plain_call_and_skip_the_plans(fake, tiny_llama
 
 
 def test_new_weights_run_plainly_then_trace_again(fake, tiny_llama_model, assert_close):
-    mlp = tiny_llama_model().model.layers[0].mlp
-    x = mx.random.normal((1, 1, 128))
-    for _ in range(3):
-        mx.eval(mlp(x))
+    mlp, x = _replaying_mlp(tiny_llama_model)
     launches = fake.launches
     fresh = nn.Linear(256, 128, bias=False)
     quantized = QuantRecipe(bits=3, group_size=64)
@@ -68,10 +75,7 @@ def test_new_weights_run_plainly_then_trace_again(fake, tiny_llama_model, assert
 
 
 def test_reference_only_and_prefill_shapes_run_plainly(fake, tiny_llama_model, assert_close):
-    mlp = tiny_llama_model().model.layers[0].mlp
-    x = mx.random.normal((1, 1, 128))
-    for _ in range(3):
-        mx.eval(mlp(x))
+    mlp, x = _replaying_mlp(tiny_llama_model)
     launches = fake.launches
     with dispatch.reference_only():
         assert_close(mlp(x), _plain(mlp, x))
@@ -82,10 +86,7 @@ def test_reference_only_and_prefill_shapes_run_plainly(fake, tiny_llama_model, a
 
 
 def test_a_replaced_projection_is_examined_afresh(fake, tiny_llama_model, assert_close):
-    mlp = tiny_llama_model().model.layers[0].mlp
-    x = mx.random.normal((1, 1, 128))
-    for _ in range(3):
-        mx.eval(mlp(x))
+    mlp, x = _replaying_mlp(tiny_llama_model)
     mlp.down_proj = nn.Linear(256, 128, bias=False)  # e.g. a sharded layer put in its place
     for _ in range(3):
         assert_close(mlp(x), _plain(mlp, x))

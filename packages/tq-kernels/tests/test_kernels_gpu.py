@@ -321,21 +321,29 @@ def test_sibling_plan_declines_mixed_weights():
     assert rotating_matmul_plan(mx.ones((3, 512)), [a], rot) is None  # 3 rows
 
 
-def test_llama_decode_with_sibling_groups_matches_reference_path():
+def _quantized_llama(layers: int, seed: int):
+    """A llama of random weights (d 512, ffn 1536, 8 query / 2 KV heads), quantized to 3 bits
+    (sibling groups, replay-ready MLPs), float16, with the kernels registered."""
     from mlx_lm.models import llama
     from tq_core import QuantRecipe, quantize_model
-    from tq_core.siblings import SiblingGroup
 
     register_all()
     args = llama.ModelArgs(
-        model_type="llama", hidden_size=512, num_hidden_layers=2, intermediate_size=1536,
+        model_type="llama", hidden_size=512, num_hidden_layers=layers, intermediate_size=1536,
         num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=300,
         tie_word_embeddings=True,
     )  # fmt: skip
-    mx.random.seed(0)
+    mx.random.seed(seed)
     model = llama.Model(args)
     quantize_model(model, QuantRecipe(bits=3, group_size=64))
     model.set_dtype(mx.float16)
+    return model
+
+
+def test_llama_decode_with_sibling_groups_matches_reference_path():
+    from tq_core.siblings import SiblingGroup
+
+    model = _quantized_llama(layers=2, seed=0)
     assert isinstance(model.model.layers[0].self_attn.q_proj.__dict__["_siblings"], SiblingGroup)
     group = model.model.layers[0].mlp.gate_proj.__dict__["_siblings"]
     for tok in ([[3]], [[4]], [[4], [9]]):
@@ -353,20 +361,9 @@ def test_replayed_decode_mlp_matches_reference_path(monkeypatch):
     """A llama MLP of TurboQuant projections replaying its compiled decode trace (tq_core's
     decode_mlp: the fused plans recorded once, replayed from C++) against the reference."""
     import tq_core.decode_mlp as decode_mlp
-    from mlx_lm.models import llama
-    from tq_core import QuantRecipe, quantize_model
 
-    register_all()
     monkeypatch.setattr(decode_mlp, "REPLAY", True)
-    args = llama.ModelArgs(
-        model_type="llama", hidden_size=512, num_hidden_layers=1, intermediate_size=1536,
-        num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=300,
-        tie_word_embeddings=True,
-    )  # fmt: skip
-    mx.random.seed(1)
-    model = llama.Model(args)
-    quantize_model(model, QuantRecipe(bits=3, group_size=64))
-    model.set_dtype(mx.float16)
+    model = _quantized_llama(layers=1, seed=1)
     mlp = model.model.layers[0].mlp
     xs = [mx.random.normal((1, 1, 512)).astype(mx.float16) for _ in range(5)]
     with dispatch.reference_only():
