@@ -30,7 +30,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_config
 from probe_rows import ProbeRows
-from tq_cli import bench_kv
+from tq_cli import bench_kv, bench_kv_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: decode_speed
 from decode_speed import make_model  # noqa: E402
@@ -89,17 +89,17 @@ def main():
         kinds = [(v, None) for v in a.weights.split(",")]
         models = {v: make_model(config, v) for v, _ in kinds}
     else:
-        model = bench_kv.random_model(a.model_dir)
+        model = bench_kv_model.random_model(a.model_dir)
         kinds = [("fp16", None)] + [(s["name"], s) for s in bench_kv.parse_settings(a.settings)]
         models = {kind: model for kind, _ in kinds}
     live = {}
     for kind, s in kinds:  # every cache filled first, then the rounds visit them in turn
         model = models[kind]
-        cache = make_prompt_cache(model) if a.weights else bench_kv._make_cache(model, kind, s)
+        cache = make_prompt_cache(model) if a.weights else bench_kv_model.make_cache(model, kind, s)
         if a.fill == "random":
-            first = bench_kv.random_fill(model, cache, a.context)
+            first = bench_kv_model.random_fill(model, cache, a.context)
         else:
-            first = bench_kv.prefill(model, prompt, cache)
+            first = bench_kv_model.prefill(model, prompt, cache)
         live[kind] = [cache, first, []]
     for _ in range(a.rounds + 1):
         for kind, entry in live.items():

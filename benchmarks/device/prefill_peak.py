@@ -14,20 +14,20 @@ import os
 import time
 
 import mlx.core as mx
-from tq_cli import bench_kv
+from tq_cli import bench_kv, bench_kv_model
 from tq_cli.atomic_write import write_text_atomic
 from tq_kvcache import cache as cache_module
 
 
 def measure(model, prompt, kind, setting, prefill_eval: bool) -> dict:
     cache_module.PREFILL_EVAL = prefill_eval
-    cache = bench_kv._make_cache(model, kind, setting)
+    cache = bench_kv_model.make_cache(model, kind, setting)
     mx.synchronize()
     mx.clear_cache()
     mx.reset_peak_memory()
     base = mx.get_active_memory()
     t0 = time.perf_counter()
-    bench_kv.prefill(model, prompt, cache)
+    bench_kv_model.prefill(model, prompt, cache)
     seconds = time.perf_counter() - t0
     row = {
         "context": prompt.shape[0],
@@ -49,7 +49,7 @@ def main():
     ap.add_argument("--settings", default="K4V3,K3V2")
     ap.add_argument("--json")
     args = ap.parse_args()
-    model = bench_kv.random_model(args.model_dir)
+    model = bench_kv_model.random_model(args.model_dir)
     settings = bench_kv.parse_settings(args.settings)
     vocab = model.args.vocab_size
     rows = []
@@ -61,7 +61,7 @@ def main():
         runs += [("tq", s, flag) for s in settings for flag in (True, False)]
         for kind, setting, flag in runs:
             if T == first:  # compile each cache's kernels outside the measurements
-                measure(model, prompt[: 2 * bench_kv._PREFILL_STEP + 1], kind, setting, flag)
+                measure(model, prompt[: 2 * bench_kv_model.PREFILL_STEP + 1], kind, setting, flag)
             row = measure(model, prompt, kind, setting, flag)
             rows.append(row)
             print(json.dumps(row), flush=True)

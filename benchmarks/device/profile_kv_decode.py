@@ -17,7 +17,7 @@ import statistics
 import time
 
 import mlx.core as mx
-from tq_cli import bench_kv
+from tq_cli import bench_kv, bench_kv_model
 from tq_cli.atomic_write import write_text_atomic
 
 
@@ -26,7 +26,7 @@ def step_time(model, cache, tok, tokens):
     evaluate-each-token decode loop."""
     times = []
     for _ in range(3):
-        rate, tok = bench_kv._decode_rate(model, tok, cache, tokens)
+        rate, tok = bench_kv_model.decode_rate(model, tok, cache, tokens)
         times.append(1.0 / rate)
     return statistics.median(times) * 1e3, tok
 
@@ -69,13 +69,13 @@ def main():
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--json")
     args = ap.parse_args()
-    model = bench_kv.random_model(args.model_dir)
+    model = bench_kv_model.random_model(args.model_dir)
     settings = bench_kv.parse_settings(args.settings)
     prompt = mx.random.randint(0, 1000, (args.context,))
     out = []
     for kind, s in [("fp16", None)] + [(x["name"], x) for x in settings]:
-        cache = bench_kv._make_cache(model, kind, s)
-        tok = bench_kv.prefill(model, prompt, cache)
+        cache = bench_kv_model.make_cache(model, kind, s)
+        tok = bench_kv_model.prefill(model, prompt, cache)
         full, tok = step_time(model, cache, tok, args.tokens)
         # The same step with attention a no-op: what remains is the model and cache updates.
         noop = lambda q, k, v, cache=None, scale=None, mask=None, sinks=None: q  # noqa: E731

@@ -1,7 +1,7 @@
 """`tq bench kv` on the CPU: rows for every cache at a tiny context, and its argument errors."""
 
 import pytest
-from tq_cli import bench_kv
+from tq_cli import bench_kv, bench_kv_model
 from tq_cli.main import main
 
 
@@ -56,28 +56,28 @@ def test_json_records_where_it_ran_and_mlx_graph_limits(tmp_path, monkeypatch):
 
 
 def test_prefill_is_mlx_lms_and_model_rows_compare_every_cache(tmp_path, monkeypatch):
-    """bench_kv.prefill runs mlx-lm's generate_step over the prompt (chunked, nothing
+    """bench_kv_model.prefill runs mlx-lm's generate_step over the prompt (chunked, nothing
     generated), and model_rows gives each cache's peak, bytes and decode speed."""
     import mlx.core as mx
     from tq_cli_testkit import write_tiny_llama
 
-    monkeypatch.setattr(bench_kv, "_PREFILL_STEP", 64)
-    model = bench_kv.random_model(str(write_tiny_llama(tmp_path / "llama")))
+    monkeypatch.setattr(bench_kv_model, "PREFILL_STEP", 64)
+    model = bench_kv_model.random_model(str(write_tiny_llama(tmp_path / "llama")))
     prompt = mx.arange(300) % 50
     (setting,) = bench_kv.parse_settings("K4V3", sink=16, buffer=16)
     for kind in ("fp16", "tq"):
-        cache = bench_kv._make_cache(model, kind, setting)
-        tok = bench_kv.prefill(model, prompt, cache)
+        cache = bench_kv_model.make_cache(model, kind, setting)
+        tok = bench_kv_model.prefill(model, prompt, cache)
         assert tok.tolist() == [prompt[-1].item()]
         assert all(c.offset == 300 for c in cache)  # the prompt, and no generated token
     assert cache[0].packed_codes()[0]  # the TurboQuant cache holds packed tokens
     # mlx-lm's generate_step over the filled cache: the one-token prompt's step, then 5
     # steps (generate_step computes a token ahead of the one it yields; 5 tokens yielded,
     # 3 of them timed).
-    rate, last = bench_kv.generate_rate(model, tok, cache, 3)
+    rate, last = bench_kv_model.generate_rate(model, tok, cache, 3)
     assert rate > 0 and last.shape == (1,) and all(c.offset == 300 + 6 for c in cache)
 
-    rows = bench_kv.model_rows(model, [300], [setting], decode_tokens=2, repeats=1)
+    rows = bench_kv_model.model_rows(model, [300], [setting], decode_tokens=2, repeats=1)
     by_kind = {r["kind"]: r for r in rows}
     assert set(by_kind) == {"fp16", "mlx-lm-4bit", "K4V3"}
     tq, fp16 = by_kind["K4V3"], by_kind["fp16"]
@@ -94,14 +94,16 @@ def test_random_fill_fills_every_layer_and_reports_decode_only(tmp_path):
     dashes for them."""
     from tq_cli_testkit import write_tiny_llama
 
-    model = bench_kv.random_model(str(write_tiny_llama(tmp_path / "llama")))
+    model = bench_kv_model.random_model(str(write_tiny_llama(tmp_path / "llama")))
     (setting,) = bench_kv.parse_settings("K4V3", sink=16, buffer=16)
-    cache = bench_kv._make_cache(model, "tq", setting)
-    tok = bench_kv.random_fill(model, cache, 300)
+    cache = bench_kv_model.make_cache(model, "tq", setting)
+    tok = bench_kv_model.random_fill(model, cache, 300)
     assert tok.shape == (1,) and all(c.offset == 300 for c in cache)
     assert cache[0].compress() is None and cache[0].packed_codes()[0]
 
-    rows = bench_kv.model_rows(model, [300], [setting], decode_tokens=2, repeats=1, fill="random")
+    rows = bench_kv_model.model_rows(
+        model, [300], [setting], decode_tokens=2, repeats=1, fill="random"
+    )
     by_kind = {r["kind"]: r for r in rows}
     tq, fp16 = by_kind["K4V3"], by_kind["fp16"]
     assert tq["fill"] == "random" and tq["prefill_tok_per_s"] is None
@@ -110,7 +112,7 @@ def test_random_fill_fills_every_layer_and_reports_decode_only(tmp_path):
     table = bench_kv.render({"model": rows})
     assert "K4V3" in table and " - " in table
     with pytest.raises(ValueError, match="fill must be one of"):
-        bench_kv.model_rows(model, [300], [setting], fill="zeros")
+        bench_kv_model.model_rows(model, [300], [setting], fill="zeros")
 
 
 def test_model_fill_random_from_the_command_line(tmp_path, capsys):

@@ -183,7 +183,7 @@ def _add_bench_kv(bench_sub) -> None:
 
 
 def _bench_kv(args: argparse.Namespace) -> int:
-    from . import bench_kv
+    from . import bench_kv, bench_kv_model
 
     if args.calls < 1 or args.repeats < 1 or min(args.contexts) < 1:
         raise SystemExit("tq bench kv: --calls, --repeats and --contexts must be at least 1")
@@ -205,8 +205,8 @@ def _bench_kv(args: argparse.Namespace) -> int:
             args.repeats,
         )
     if args.model:
-        model = bench_kv.random_model(args.model)
-        result["model"] = bench_kv.model_rows(
+        model = bench_kv_model.random_model(args.model)
+        result["model"] = bench_kv_model.model_rows(
             model,
             args.model_contexts,
             settings,
