@@ -99,7 +99,8 @@ def test_random_fill_fills_every_layer_and_reports_decode_only(tmp_path):
     cache = bench_kv_model.make_cache(model, "tq", setting)
     tok = bench_kv_model.random_fill(model, cache, 300)
     assert tok.shape == (1,) and all(c.offset == 300 for c in cache)
-    assert cache[0].compress() is None and cache[0].packed_codes()[0]
+    cache[0].compress()  # the last chunk waits in the fp16 tail until the next update
+    assert cache[0].packed_codes()[0]
 
     rows = bench_kv_model.model_rows(
         model, [300], [setting], decode_tokens=2, repeats=1, fill="random"

@@ -29,6 +29,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import dispatch
+from .decode_plan import bound_arrays
 from .linear import TurboQuantLinear
 from .weight_layer import compute_dtype
 
@@ -70,10 +71,8 @@ def _projections(module: nn.Module) -> tuple[tuple, tuple] | None:
 
 
 def _arrays(layers) -> tuple:
-    out = []
-    for la in layers:
-        out += (la["indices"], la["scales"], la["signs"], la.get("bias"))
-    return tuple(out)
+    """What a trace holds of the projections: the arrays their plans bind, and any bias."""
+    return bound_arrays(layers) + tuple(la.get("bias") for la in layers)
 
 
 def _plan(layer: TurboQuantLinear, lead: tuple, dtype) -> str:

@@ -30,7 +30,7 @@ class _Entry:
     def __init__(self, layers, plan):
         self.generation = dispatch.generation()
         self.device = mx.default_device()
-        self.arrays = _arrays(layers)
+        self.arrays = bound_arrays(layers)
         self.plan = plan
 
     def valid(self, layers) -> bool:
@@ -49,7 +49,7 @@ class _Entry:
         return True
 
 
-def _arrays(layers) -> tuple:
+def bound_arrays(layers) -> tuple:
     """The arrays a plan binds: each layer's packed indices and scales, and the signs."""
     out = []
     for layer in layers:
