@@ -14,7 +14,7 @@ from tq_core.decode_mlp import MAX_ROWS
 
 @pytest.fixture(autouse=True)
 def replay_on(monkeypatch):
-    """The replay is off by default until a GPU test has compared it (decode_mlp.REPLAY)."""
+    """Whatever ``TQ_COMPILE_MLP`` the test run has, these tests replay (decode_mlp.REPLAY)."""
     monkeypatch.setattr(decode_mlp, "REPLAY", True)
 
 

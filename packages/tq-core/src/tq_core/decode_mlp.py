@@ -39,10 +39,9 @@ __all__ = ["MAX_ROWS", "compile_decode_mlps", "REPLAY"]
 MAX_ROWS = 8
 #: Traces kept per MLP (decode uses one or two input shapes).
 MAX_SHAPES = 8
-#: Off by default: ``TQ_COMPILE_MLP=1`` turns it on. It has run on the H100 (decode speed,
-#: docs/kernels.md) but no GPU test has yet compared replayed outputs with the reference
-#: (tq-kernels' ``test_replayed_decode_mlp_matches_reference_path`` does, next device run).
-REPLAY = os.environ.get("TQ_COMPILE_MLP", "0") == "1"
+#: On by default (``TQ_COMPILE_MLP=0`` turns it off): replayed outputs match the reference
+#: path on the H100 (tq-kernels' ``test_replayed_decode_mlp_matches_reference_path``).
+REPLAY = os.environ.get("TQ_COMPILE_MLP", "1") != "0"
 #: Projection names of a dense MLP, in mlx-lm's models: llama-style and Mixtral-style.
 MLP_SETS = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 _LEAVES = {"indices", "scales", "signs", "bias"}
