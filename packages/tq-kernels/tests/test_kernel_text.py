@@ -279,6 +279,8 @@ def _weight_kernels(backend: str):
                 template = [("T", ctype), ("BITS", bits), ("GS", gs), ("M", m)]
                 template += [("RPW", launch[0]), ("KSPLIT", launch[1]), ("NWARPS", launch[2])]
                 template += [("QJL", qjl), ("ROT", span > 0), ("SPAN", span or 32)]
+                if span:  # rotation in registers (XSH 0) and once per threadgroup
+                    template.append(("XSH", 0 if bits == 2 else m * 4096))
                 name = f"{src.name}_{dtype}_{bits}_{gs}_{m}_{launch[1]}"
                 body = _constants(template) + src.body
                 outs = {o: ctype for o in src.output_names}

@@ -149,7 +149,14 @@ def test_rotating_matvec_equals_rotate_then_matvec(dtype, k, span, rows):
 
 
 @pytest.mark.parametrize(
-    "cfg", [LaunchConfig(1, 1, 4), LaunchConfig(4, 4, 4), LaunchConfig(8, 2, 8)]
+    "cfg",
+    [
+        LaunchConfig(1, 1, 4),
+        LaunchConfig(4, 4, 4),
+        LaunchConfig(8, 2, 8),
+        LaunchConfig(4, 2, 4, rotate_shared=False),
+        LaunchConfig(2, 1, 8, rotate_shared=False),
+    ],
 )
 def test_rotating_matvec_every_launch_geometry(cfg):
     from tq_core.rotation import make_rotation, rotate

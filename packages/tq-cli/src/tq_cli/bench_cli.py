@@ -36,9 +36,10 @@ def _shape_list(text: str) -> list[tuple[int, int]]:
         shapes = [tuple(int(v) for v in part.lower().split("x")) for part in text.split(",")]
     except ValueError:
         shapes = []
-    if not shapes or any(len(s) != 2 or min(s) < 1 or s[1] % 128 for s in shapes):
+    # IN: whole groups of 64 and whole rotation blocks of 64 (the bench's group size).
+    if not shapes or any(len(s) != 2 or min(s) < 1 or s[1] % 64 for s in shapes):
         raise argparse.ArgumentTypeError(
-            f"expected OUTxIN[,OUTxIN...] with IN a multiple of 128, got {text!r}"
+            f"expected OUTxIN[,OUTxIN...] with IN a multiple of 64, got {text!r}"
         )
     return shapes
 
@@ -96,6 +97,13 @@ def _bench_kernels(args: argparse.Namespace) -> int:
 
     if args.calls < 1 or args.repeats < 1:
         raise SystemExit("tq bench kernels: --calls and --repeats must be at least 1")
+    from tq_kernels import kernel_backend
+
+    if kernel_backend() is None:
+        raise SystemExit(
+            "tq bench kernels: times the fused GPU kernels, and this MLX build has no GPU "
+            "backend (Metal or CUDA); run it on a Mac or with mlx[cuda] on an NVIDIA GPU"
+        )
     result = bench_kernels.run(
         args.calls,
         args.repeats,

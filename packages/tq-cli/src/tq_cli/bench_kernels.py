@@ -211,25 +211,28 @@ def _prefill_rows(calls: int, repeats: int) -> list[dict]:
 def _sweep_rows(calls: int, repeats: int, shapes=DENSE_SHAPES) -> list[dict]:
     """Launch geometries of the rotating dense matvec (the decode path) on ``shapes``."""
     from tq_core.rotation import make_rotation
-    from tq_kernels import LaunchConfig, launch_config, pack_sign_bits
+    from tq_kernels import LaunchConfig, kernel_backend, launch_config, pack_sign_bits
+    from tq_kernels.matvec import rotated_elements
 
-    configs = [
-        LaunchConfig(1, 1, 4),
-        LaunchConfig(2, 4, 4),
-        LaunchConfig(1, 2, 4),
-        LaunchConfig(4, 1, 4),
-        LaunchConfig(4, 2, 4),
-        LaunchConfig(4, 4, 4),
-        LaunchConfig(2, 1, 4),
-        LaunchConfig(2, 2, 4),
-        LaunchConfig(8, 1, 4),
-        LaunchConfig(4, 2, 8),
-        LaunchConfig(4, 4, 8),
+    geometries = [
+        (4, 1, 4),
+        (4, 2, 4),
+        (2, 1, 4),
+        (8, 1, 4),
+        (2, 1, 8),
+        (4, 1, 8),
+        (4, 2, 8),
+        (8, 1, 8),
     ]
+    # Each geometry with the activation rotated once per threadgroup (where it fits) and
+    # in every warp's registers.
+    configs = [LaunchConfig(*g, rotate_shared=s) for g in geometries for s in (True, False)]
     out = []
     for n, k in shapes:
         x = mx.random.normal((1, k)).astype(mx.float16)
         sign_bits = pack_sign_bits(make_rotation(k, seed=0, block=GROUP).signs)
+        backend = kernel_backend()
+        shared = rotated_elements(x.dtype, k, 1, LaunchConfig(), backend) > 0
         for b in (3, 4):
             first = _random_tq((n, k), b, seed=0)
             nb = _nbytes(first.indices, first.scales)
@@ -243,7 +246,8 @@ def _sweep_rows(calls: int, repeats: int, shapes=DENSE_SHAPES) -> list[dict]:
                         "shape": f"{n}x{k}",
                         "bits": b,
                         "config": [cfg.rows_per_warp, cfg.ksplit, cfg.warps],
-                        "default": cfg == launch_config(n, k, 1),
+                        "rotate_shared": cfg.rotate_shared,
+                        "default": cfg == launch_config(n, k, 1, rotated_shared=shared),
                         "us_per_call": sec * 1e6,
                         "gb_per_s": nb / sec / 1e9,
                     }

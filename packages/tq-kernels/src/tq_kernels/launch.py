@@ -17,11 +17,14 @@ _TARGET_WARPS = 2048
 @dataclass(frozen=True)
 class LaunchConfig:
     """``rows_per_warp`` output rows per warp; ``ksplit`` warps share one row group's input
-    (reduced through threadgroup memory); ``warps`` per threadgroup (a multiple of ksplit)."""
+    (reduced through threadgroup memory); ``warps`` per threadgroup (a multiple of ksplit);
+    ``rotate_shared``: a rotating launch rotates the activation once per threadgroup into
+    threadgroup memory where it fits, rather than in every warp's registers."""
 
     rows_per_warp: int = 4
     ksplit: int = 1
     warps: int = 4
+    rotate_shared: bool = True
 
     def __post_init__(self):
         if self.rows_per_warp not in (1, 2, 4, 8):
@@ -49,11 +52,18 @@ def row_bucket(rows: int) -> int:
     raise ValueError(f"the matvec kernel takes at most {MAX_ROWS} rows, got {rows}")
 
 
-def launch_config(n: int, k: int, rows: int, batch: int = 1) -> LaunchConfig:
+def launch_config(
+    n: int, k: int, rows: int, batch: int = 1, rotated_shared: bool = False
+) -> LaunchConfig:
     """Geometry for an (n, k) weight, ``rows`` activation rows and ``batch`` weights (MoE
     entries): 4 rows per warp (2 from 4 activation rows up, to bound registers), then split
-    the input over up to 4 warps until enough warps are in flight."""
+    the input over up to 4 warps until enough warps are in flight. ``rotated_shared``: the
+    launch rotates the activation once per threadgroup; then 8 warps share that work and
+    none splits the input, the fastest or within 0.4 us of it on every shape of the H100
+    sweep (`tq bench kernels --sweep`, docs/kernels.md)."""
     rpw = 4 if rows <= 2 else 2
+    if rotated_shared:
+        return LaunchConfig(rpw, 1, 8)
     groups = -(-n // rpw) * batch
     blocks = k // 32
     ksplit = 1

@@ -7,12 +7,14 @@ the activation in the weight's rotated basis, ``codes`` a :class:`tq_core.Quanti
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from functools import cache
 
 import mlx.core as mx
 from tq_core import QJLResidual, QuantizedWeight, gaussian_codebook
 
+from .backend import kernel_backend
 from .build import get_kernel
 from .launch import LaunchConfig, launch_config, row_bucket
 from .sources import MAX_SEGMENTS
@@ -51,6 +53,20 @@ def _template(x_dtype, codes: QuantizedWeight, rows: int, cfg: LaunchConfig, qjl
 ROTATE_SPANS = (32, 64, 128)
 #: Activation rows up to which the matvec rotates in registers (32 floats per row per lane).
 ROTATE_MAX_ROWS = 2
+#: Threadgroup memory a rotating launch may give its copy of R x: CUDA allows 48 KB of
+#: static shared memory, Metal 32 KB; the codebook and the K-split sums take under 1 KB.
+ROTATED_BYTES = {"cuda": 40 * 1024, "metal": 28 * 1024}
+#: ``TQ_ROTATE_SHARED=0``: every warp rotates in registers (the launch geometry of before).
+ROTATE_SHARED = os.environ.get("TQ_ROTATE_SHARED", "1") != "0"
+
+
+def rotated_elements(dtype, k: int, rows: int, cfg: LaunchConfig, backend: str | None) -> int:
+    """The XSH template value of a rotating launch: ``M * k`` where the threadgroup's copy
+    of R x (in the activation's dtype) fits its share of threadgroup memory, else 0 (every
+    warp rotates the blocks it reads in registers)."""
+    n = row_bucket(rows) * k
+    fits = n * dtype.size <= ROTATED_BYTES.get(backend or "", 0)
+    return n if ROTATE_SHARED and cfg.rotate_shared and fits else 0
 
 
 @cache
@@ -59,9 +75,13 @@ def _matvec_plan(dtype, ns: tuple, k, rows, bits, gs, qjl: bool, cfg, span: int 
     same few shapes every token, so this keeps the per-call Python work to one lookup.
     ``ns``: the output rows of each weight (several: siblings in one launch). ``span`` > 0:
     the kernel rotates the activation itself, in blocks of ``span``."""
-    cfg = cfg or launch_config(sum(ns), k, rows)
+    if cfg is None:
+        shared = span > 0 and rotated_elements(dtype, k, rows, LaunchConfig(), kernel_backend())
+        cfg = launch_config(sum(ns), k, rows, rotated_shared=bool(shared))
     template = [("T", dtype), ("BITS", bits), ("GS", gs), ("M", row_bucket(rows))]
     template += [*cfg.template(), ("QJL", qjl), ("ROT", span > 0), ("SPAN", span or 32)]
+    if span > 0:
+        template.append(("XSH", rotated_elements(dtype, k, rows, cfg, kernel_backend())))
     groups = sum(-(-n // cfg.rows_per_group) for n in ns)
     return (
         get_kernel("matvec", qjl, rotate=span > 0, segments=len(ns)),

@@ -15,7 +15,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .matvec_source import GATHER_BODY, MATVEC_BODY, MATVEC_IMPL, SHARED_DECLS, segments_body
+from .matvec_source import (
+    GATHER_BODY,
+    MATVEC_BODY,
+    MATVEC_IMPL,
+    ROTATED_DECL,
+    SHARED_DECLS,
+    rotated_args,
+    segments_body,
+)
 from .prelude import prelude, thread_ids
 
 __all__ = ["MAX_SEGMENTS", "OPS", "KernelSource", "kernel_source"]
@@ -114,17 +122,18 @@ def kernel_source(
     if rotate:
         names += ["rsigns"]
     outputs = ["out"]
+    rotated = rotated_args(rotate)
     if segments > 1:
-        body = segments_body(segments, fill["rsigns"])
+        body = segments_body(segments, fill["rsigns"], rotated)
         for i in range(1, segments):
             names += [f"w{i}", f"scales{i}"]
             outputs += [f"out{i}"]
     else:
-        body = (GATHER_BODY if gather else MATVEC_BODY).format(**fill)
+        body = GATHER_BODY.format(**fill) if gather else MATVEC_BODY.format(**fill, **rotated)
     return KernelSource(
         f"tq_{op}{tag}_{backend}",
         header + MATVEC_IMPL,
-        ids + SHARED_DECLS + body,
+        ids + SHARED_DECLS + (ROTATED_DECL if rotate else "") + body,
         tuple(names),
         tuple(outputs),
     )
