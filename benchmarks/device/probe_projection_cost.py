@@ -82,7 +82,7 @@ def main():
                 h, h.dtype
             )
             kinds["tq3 down: plan validity"] = lambda e=entry, p=plans: e.valid(p.layers)
-            kinds["tq3 down: plan launch alone"] = lambda e=entry: e.plan(h)
+            kinds["tq3 down: compiled launch alone"] = lambda e=entry: e.plan(h)
     for kind, fn in kinds.items():
         rows.emit(kind=kind, build_us=round(_time(fn, a.calls), 2))
     rows.save()

@@ -167,12 +167,6 @@ def rotating_matvec(
     return list(outs) if several else outs[0]
 
 
-#: Plans replay an ``mx.compile`` trace of their launch (``TQ_PLAN_COMPILED=0``: they call
-#: the kernel directly, with the argument lists built once). The trace skipped MLX's
-#: per-call source assembly when the kernel text was inline; with the text handed over as
-#: files (kernel_file.py) that assembly is short, and which costs less host time per call
-#: is measured on the H100 (benchmarks/device/probe_projection_cost.py).
-PLAN_COMPILED = os.environ.get("TQ_PLAN_COMPILED", "1") != "0"
 #: Compiled launches whose kernel has been evaluated once (NVRTC/Metal compile errors are
 #: lazy: a plan's first launch is evaluated when it is built, where a failure can fall back).
 _verified: set[tuple] = set()
@@ -202,19 +196,11 @@ def rotating_matvec_plan(
     *lead, k = x.shape
     ns = tuple(c.scales.shape[0] for c in seq)
     key = (x.dtype, ns, k, math.prod(lead), seq[0].bits, seq[0].group_size, span, tuple(lead))
+    fn = _compiled_launch(*key)
     weights = _flat_weights(seq)
-    if PLAN_COMPILED:
-        fn = _compiled_launch(*key)
 
-        def plan(x2: mx.array) -> list[mx.array]:
-            return fn(x2, sign_bits, *weights)
-
-    else:
-        kernel, codebook, launch = _matvec_plan(*key[:6], False, None, *key[6:])
-        tail = _rotating_inputs(None, codebook, sign_bits, weights)[1:]
-
-        def plan(x2: mx.array) -> list[mx.array]:
-            return kernel(inputs=[x2, *tail], **launch)
+    def plan(x2: mx.array) -> list[mx.array]:
+        return fn(x2, sign_bits, *weights)
 
     if key not in _verified:
         mx.eval(plan(x))
