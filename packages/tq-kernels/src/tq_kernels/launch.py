@@ -59,8 +59,8 @@ def launch_config(
     entries): 4 rows per warp (2 from 4 activation rows up, to bound registers), then split
     the input over up to 4 warps until enough warps are in flight. ``rotated_shared``: the
     launch rotates the activation once per threadgroup; then 8 warps share that work and
-    none splits the input, the fastest or within 0.4 us of it on every shape of the H100
-    sweep (`tq bench kernels --sweep`, docs/kernels.md)."""
+    none splits the input: the lowest total time over the H100 sweep's shapes, at most
+    16% off the best geometry of any one (`tq bench kernels --sweep`, docs/kernels.md)."""
     rpw = 4 if rows <= 2 else 2
     if rotated_shared:
         return LaunchConfig(rpw, 1, 8)
