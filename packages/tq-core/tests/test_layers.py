@@ -54,6 +54,50 @@ def test_embedding_lookup_and_tied_head(assert_close):
     assert_close(q.as_linear(x), x @ table.T)
 
 
+@pytest.mark.parametrize(
+    ("dims", "span", "use_qjl"),
+    [(128, 64, False), (256, 64, True), (192, 192, False), (320, 320, False)],
+)
+def test_decode_lookups_replay_a_trace_equal_to_the_ops(
+    dims, span, use_qjl, monkeypatch, assert_close
+):
+    """Lookups of decode size run plainly once, then replay one trace (spans of base 1, 12
+    and 20, with and without QJL); loaded weights show up without a retrace."""
+    from tq_core import embedding
+
+    emb = nn.Embedding(50, dims)
+    q = TurboQuantEmbedding.from_embedding(
+        emb, bits=3, group_size=64, seed=dims + 7, span=span, use_qjl=use_qjl
+    )
+    ran = []
+    plain = embedding._lookup
+    monkeypatch.setattr(embedding, "_lookup", lambda *a: ran.append(1) or plain(*a))
+    for t, tok in enumerate([3, 3, 17, 49, 0]):
+        ids = mx.array([[tok]])
+        want = plain(*_lookup_key(q), ids, *_lookup_arrays(q))
+        assert_close(q(ids), want)
+    assert len(ran) == 2  # the plain call, then the trace; the rest replayed it
+    fresh = TurboQuantEmbedding.from_embedding(
+        nn.Embedding(50, dims), bits=3, group_size=64, seed=dims + 7, span=span, use_qjl=use_qjl
+    )
+    q.update(fresh.parameters())
+    ids = mx.array([[5]])
+    assert_close(q(ids), fresh(ids))
+    assert len(ran) == 2
+    assert q(mx.arange(20)[None]).shape == (1, 20, dims)  # prefill size: plain
+    assert len(ran) == 3
+
+
+def _lookup_key(q):
+    out = mx.float32 if mx.default_device() == mx.cpu else q.scales.dtype
+    return (q.bits, q.group_size, q.span, q.seed, q.input_dims, out)
+
+
+def _lookup_arrays(q):
+    extra = [q.qjl_signs, q.qjl_scales, q.qjl_flips] if q.use_qjl else []
+    return [q.indices, q.scales, q.signs, *extra]
+
+
 def test_layers_share_rotation_by_seed():
     a = TurboQuantLinear.from_linear(nn.Linear(256, 16), bits=4, group_size=64, seed=5)
     b = TurboQuantLinear.from_linear(nn.Linear(256, 32), bits=3, group_size=64, seed=5)
