@@ -343,15 +343,17 @@ def test_paired_value_fields_compute_the_per_lookup_indices(bits, tmp_path):
 
 @pytest.mark.parametrize("knobs", ["shipped", "flipped"])
 def test_tensor_core_knobs_compile(knobs, monkeypatch):
-    """Paired value fields and the lazy max as shipped and flipped, each with the
-    off-by-default L2 prefetch, in every layout the tensor cores take."""
+    """Paired value fields, the lazy max and per-head load offsets as shipped and flipped,
+    each with the off-by-default L2 prefetch, in every layout the tensor cores take."""
     import tq_kernels.attention_mma_source as mma_source
 
     paired, lazy = mma_source.PAIRED_VALUE_FIELDS, mma_source.LAZY_MAX
+    heads = mma_source.HEAD_OFFSETS
     if knobs == "flipped":
-        paired, lazy = not paired, not lazy
+        paired, lazy, heads = not paired, not lazy, not heads
         monkeypatch.setattr(mma_source, "PAIRED_VALUE_FIELDS", paired)
         monkeypatch.setattr(mma_source, "LAZY_MAX", lazy)
+        monkeypatch.setattr(mma_source, "HEAD_OFFSETS", heads)
     kernels, header = [], None
     for name, (keys, values) in LAYOUTS.items():
         dk, dv = sum(p.width for p in keys), sum(p.width for p in values)
@@ -360,6 +362,7 @@ def test_tensor_core_knobs_compile(knobs, monkeypatch):
             continue
         kname, header, body, inputs, outputs = attend_source(layout, "cuda", True, prefetch=4)
         assert ("tq_any(grow)" in body) == lazy and "tq_prefetch_span(lane" in body
+        assert ("k0_idx_h + lt0 * k0_idx_t" in body) == heads, name
         for j, v in enumerate(values):
             assert (f"y01_v{j}e" in body) == (paired and v.bits in (1, 2, 4)), name
         args = {n: _ctype("cuda", n, "__half", layout.raw) for n in inputs}

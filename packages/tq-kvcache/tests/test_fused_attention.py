@@ -222,8 +222,8 @@ def _check_case(case: int, transposed: bool = False) -> None:
 
 def _split_path(path: str, monkeypatch) -> None:
     """Packed splits on the tensor cores (``mma``: as shipped; ``mma-knobs``: the shipped
-    knobs flipped, per-lookup value fields and the eager max, with the off-by-default L2
-    prefetch) or the SIMT body (``simt``), at any cache length."""
+    knobs flipped, per-lookup value fields, the eager max and full-stride load addresses,
+    with the off-by-default L2 prefetch) or the SIMT body (``simt``), at any cache length."""
     import tq_kernels.attention_mma_source as mma_source
     import tq_kernels.attention_plan as plan
 
@@ -233,6 +233,7 @@ def _split_path(path: str, monkeypatch) -> None:
         monkeypatch.setattr(plan, "MMA_PREFETCH", 4)
         monkeypatch.setattr(mma_source, "PAIRED_VALUE_FIELDS", not mma_source.PAIRED_VALUE_FIELDS)
         monkeypatch.setattr(mma_source, "LAZY_MAX", not mma_source.LAZY_MAX)
+        monkeypatch.setattr(mma_source, "HEAD_OFFSETS", not mma_source.HEAD_OFFSETS)
 
 
 #: Paths of the packed splits for ``_split_path`` (test ids without spaces: the device's

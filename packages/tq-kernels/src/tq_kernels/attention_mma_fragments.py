@@ -75,15 +75,24 @@ def window_words(nbits: int) -> int:
 
 
 def window_load(
-    dst: str, src: str, token: str, live: str, start: str, nbits: int, stream_words: int
+    dst: str,
+    src: str,
+    token: str,
+    live: str,
+    start: str,
+    nbits: int,
+    stream_words: int,
+    row: str | None = None,
 ) -> list[str]:
     """Lines that load the window of ``nbits`` bits at bit ``start`` (a runtime expression,
     the same for every token) of ``token``'s stream of ``src`` into ``dst[]`` (declared by
     the caller, ``window_words(nbits) + 1`` words), zeros where ``live`` is false. Windows
     that start on a word boundary in every thread use 8- or 16-byte loads where the stream
-    allows; others load the words they touch and are shifted with :func:`window_shift`."""
+    allows; others load the words they touch and are shifted with :func:`window_shift`.
+    ``row``: the token's element offset from ``src`` (default: ``TQ_AT(src, token)``, the
+    full batch, head and token strides)."""
     n = window_words(nbits)
-    base = f"{src} + TQ_AT({src}, {token})"
+    base = f"{src} + {row}" if row else f"{src} + TQ_AT({src}, {token})"
     if nbits % 32 == 0:
         vec = (
             4

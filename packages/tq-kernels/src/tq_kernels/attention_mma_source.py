@@ -24,6 +24,8 @@ the same ``o`` / ``ml`` as the SIMT path, so the merge kernels are shared.
 
 from __future__ import annotations
 
+import os
+
 from . import attention_mma_fragments
 from .attention_layout import ATTEND_THREADS, AttendLayout
 from .attention_mma_fragments import (
@@ -55,6 +57,10 @@ KEY_CHAINS = 2
 #: three interleaved sweeps), and were within the sweeps' spread elsewhere (docs/kvcache.md).
 PAIRED_VALUE_FIELDS = True
 LAZY_MAX = True
+#: Code and norm loads address tokens from a per-head base pointer and a 32-bit token
+#: stride, worked out once per split, instead of the full 64-bit batch, head and token
+#: stride product at every load (12 loads a warp step at K3V2).
+HEAD_OFFSETS = os.environ.get("TQ_ATTEND_HEAD_OFFSETS", "1") != "0"
 #: Static shared memory CUDA allows a kernel.
 _CUDA_SHARED = 48 * 1024
 _WARPS = ATTEND_THREADS // 32
@@ -65,7 +71,13 @@ _WARP_FLOATS = 2 * 64 + 8
 def text_knobs() -> tuple:
     """The module-level settings the tensor-core text is generated under (compiled kernels
     and kept launches are keyed on them)."""
-    return KEY_CHAINS, PAIRED_VALUE_FIELDS, LAZY_MAX, attention_mma_fragments.LUT_WORDS
+    return (
+        KEY_CHAINS,
+        PAIRED_VALUE_FIELDS,
+        LAZY_MAX,
+        attention_mma_fragments.LUT_WORDS,
+        HEAD_OFFSETS,
+    )
 
 
 def _budget_words(layout: AttendLayout) -> int:
@@ -116,12 +128,33 @@ def _loads(layout, side: str) -> list[str]:
     for name, _, sw, nb in windows:
         for u, off in enumerate(offsets):
             tok, live, norm = f"lt{u}", f"lt{u} < end", f"{name}_norm"
+            src, row, at = f"{name}_idx", None, f"{norm}[TQ_AT({norm}, {tok})]"
+            if HEAD_OFFSETS:
+                src, row = f"{name}_idx_h", f"{tok} * {name}_idx_t"
+                at = f"{norm}_h[{tok} * {norm}_t]"
             lines += [
                 "      {",
                 f"      const int {tok} = ld0 + {off};",
-                *window_load(f"{name}w{u}", f"{name}_idx", tok, live, f"{start} * {nb}", nb, sw),
-                f"      {name}n{u} = {live} ? tq_float({norm}[TQ_AT({norm}, {tok})]) : 0.0f;",
+                *window_load(f"{name}w{u}", src, tok, live, f"{start} * {nb}", nb, sw, row),
+                f"      {name}n{u} = {live} ? tq_float({at}) : 0.0f;",
                 "      }",
+            ]
+    return lines
+
+
+def _head_offsets(layout) -> list[str]:
+    """Per key and value part: its codes' and norms' base pointers at (batch b, head h) and
+    32-bit token strides (a split's tokens lie within one head's rows; a head holds far
+    fewer than 2**31 words of codes)."""
+    if not HEAD_OFFSETS:
+        return []
+    lines = []
+    for name, *_ in (*_key_windows(layout), *_value_windows(layout)):
+        for arr in (f"{name}_idx", f"{name}_norm"):
+            lines += [
+                f"    const auto* {arr}_h = {arr} + ((size_t)b * {arr}_strides[0] + "
+                f"(size_t)h * {arr}_strides[1]);",
+                f"    const int {arr}_t = (int){arr}_strides[2];",
             ]
     return lines
 
@@ -303,6 +336,7 @@ def mma_packed_code(
         "    const int g = lane >> 2;",
         "    const int t4 = lane & 3;",
         *_q_fragments(layout),
+        *_head_offsets(layout),
         "    float m2[2] = {TQ_NEG_INF, TQ_NEG_INF};",
         "    float l2[2] = {0.0f, 0.0f};",
         f"    float acc[{layout.dv // 16}][4];",
