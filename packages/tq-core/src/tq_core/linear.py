@@ -55,9 +55,10 @@ class TurboQuantLinear(TurboQuantWeights):
 
     def __call__(self, x: mx.array) -> mx.array:
         group = self.__dict__.get("_siblings")
-        # A sibling's launch already computed this product for this very x (siblings.py):
-        # the hit is most projections of a decode step, so it skips the product's layers.
-        y = None if group is None else group.take(self, x)
+        # A sibling's launch already computed this product for this very x, or this call
+        # launches the group (siblings.py): most projections of a decode step, so it skips
+        # the product's layers.
+        y = None if group is None else group.call(self, x)
         if y is None:
             dtype = compute_dtype(x)
             # A plain layer's product is the fused kernel first (dense_product): asked
