@@ -36,21 +36,22 @@ class SiblingGroup:
         # sharing a model may overwrite it, but never pair one input with another's outputs.
         self._memo: tuple = (None, {})
 
-    def call(self, layer, x: mx.array) -> mx.array | None:
-        """``layer``'s product for ``x``: a sibling's launch kept it (:meth:`take`), or the
-        group's launch runs now; ``None`` where no fused plan applies (the layer's own path
-        runs). The decode hot path of every grouped projection, hence one frame."""
+    def call(self, layer, x: mx.array, dtype=None) -> mx.array | None:
+        """``layer``'s product for ``x``: a sibling's launch kept it for this very ``x`` (each
+        is handed out once), or the group's launch runs now in ``dtype`` (default: the
+        compute dtype); ``None`` where no fused plan applies or ``layer`` left the group (its
+        own path runs). The decode hot path of every grouped projection, hence one frame."""
         memo_x, outputs = self._memo
         if memo_x is x:
             y = outputs.pop(id(layer), None)
             if y is not None:
                 if not outputs:
-                    self._memo = (None, {})
+                    self._memo = (None, {})  # every sibling served: drop the input
                 return y
         position = self._position.get(id(layer))
         if position is None:
             return None
-        dtype = compute_dtype(x)
+        dtype = dtype or compute_dtype(x)
         outs = self.plans.run(x if x.dtype == dtype else x.astype(dtype))
         if outs is None:
             return None
@@ -58,33 +59,6 @@ class SiblingGroup:
         del kept[id(layer)]
         self._memo = (x, kept)
         return outs[position]
-
-    def take(self, layer, x: mx.array) -> mx.array | None:
-        """``layer``'s product for ``x`` if the group's last launch computed it (a sibling
-        was called on this very ``x`` first), else ``None``; each is handed out once."""
-        memo_x, outputs = self._memo
-        if memo_x is not x:
-            return None
-        y = outputs.pop(id(layer), None)
-        if y is not None and not outputs:
-            self._memo = (None, {})  # every sibling served: drop the input
-        return y
-
-    def output(self, layer, x: mx.array, xd: mx.array) -> mx.array | None:
-        """``layer``'s product for input ``x`` (``xd``: x in the compute dtype), from the
-        group's launch; ``None`` where no fused plan applies or ``layer`` left the group."""
-        y = self.take(layer, x)
-        if y is not None:
-            return y
-        position = self._position.get(id(layer))
-        if position is None:
-            return None
-        outs = self.plans.run(xd)
-        if outs is None:
-            return None
-        self._memo = (x, {id(m): o for m, o in zip(self.layers, outs) if m is not layer})
-        return outs[position]
-
 
 def _compatible(layers) -> bool:
     first = layers[0]

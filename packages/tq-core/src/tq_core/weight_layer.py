@@ -190,17 +190,16 @@ class TurboQuantWeights(nn.Module):
         to a lookup (decode_plan.py)."""
         if self.use_qjl:
             return None
-        xd = x if x.dtype == dtype else x.astype(dtype)
         state = self.__dict__
         group = state.get("_siblings")
         if group is not None:
-            y = group.output(self, x, xd)
+            y = group.call(self, x, dtype)
             if y is not None:
                 return y
         plans = state.get("_plans")
         if plans is None:
             plans = state["_plans"] = PlanCache((self,))
-        out = plans.run(xd)
+        out = plans.run(x if x.dtype == dtype else x.astype(dtype))
         return None if out is None else out[0]
 
     def dense_product(self, x: mx.array, dtype) -> mx.array:
