@@ -207,3 +207,47 @@ def test_plan_passes_inputs_in_the_kernels_order(monkeypatch):
     finally:
         mv._matvec_plan.cache_clear()
         mv._compiled_launch.cache_clear()
+
+
+def test_rotating_launches_rotate_once_per_threadgroup_where_it_fits(monkeypatch):
+    """R x goes to threadgroup memory where M * K values of the dtype fit (40 KB CUDA, 28 KB
+    Metal); those launches take 8 warps and no input split; elsewhere, or with
+    ``TQ_ROTATE_SHARED=0``, XSH is 0 and the geometry is the general one."""
+    import sys
+
+    mv = sys.modules["tq_kernels.matvec"]
+    cfg = LaunchConfig()
+    assert mv.rotated_elements(mx.float16, 14336, 1, cfg, "cuda") == 14336
+    assert mv.rotated_elements(mx.float16, 14336, 1, cfg, "metal") == 14336  # 28 KB exactly
+    assert mv.rotated_elements(mx.float16, 14336, 2, cfg, "cuda") == 0  # 56 KB
+    assert mv.rotated_elements(mx.float32, 4096, 2, cfg, "cuda") == 2 * 4096
+    assert mv.rotated_elements(mx.float32, 14336, 1, cfg, "cuda") == 0
+    assert mv.rotated_elements(mx.float16, 576, 1, cfg, None) == 0  # no GPU backend
+    assert mv.rotated_elements(mx.float16, 576, 1, LaunchConfig(rotate_shared=False), "cuda") == 0
+
+    monkeypatch.setattr(mv, "kernel_backend", lambda: "cuda")
+    monkeypatch.setattr(mv, "get_kernel", lambda *a, **k: None)
+    mv._matvec_plan.cache_clear()
+    try:
+        for k, want_xsh in ((4096, 4096), (14336, 14336)):
+            launch = mv._matvec_plan(mx.float16, (4096,), k, 1, 3, 64, False, None, 64)[2]
+            t = dict(launch["template"])
+            assert t["XSH"] == want_xsh and (t["KSPLIT"], t["NWARPS"]) == (1, 8)
+            assert launch["threadgroup"] == (256, 1, 1)
+        # Two rows of K 14336 do not fit: registers, and the general geometry.
+        launch = mv._matvec_plan(mx.float16, (4096,), 14336, 2, 3, 64, False, None, 64)[2]
+        t = dict(launch["template"])
+        assert t["XSH"] == 0 and (t["RPW"], t["KSPLIT"], t["NWARPS"]) == (4, 2, 4)
+        monkeypatch.setattr(mv, "ROTATE_SHARED", False)
+        mv._matvec_plan.cache_clear()
+        t = dict(
+            mv._matvec_plan(mx.float16, (4096,), 4096, 1, 3, 64, False, None, 64)[2]["template"]
+        )
+        assert t["XSH"] == 0 and t["NWARPS"] == 4
+        # A matvec on a pre-rotated input has no XSH at all.
+        t = dict(
+            mv._matvec_plan(mx.float16, (4096,), 4096, 1, 3, 64, False, None, 0)[2]["template"]
+        )
+        assert "XSH" not in t
+    finally:
+        mv._matvec_plan.cache_clear()

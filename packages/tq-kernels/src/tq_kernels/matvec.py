@@ -75,13 +75,12 @@ def _matvec_plan(dtype, ns: tuple, k, rows, bits, gs, qjl: bool, cfg, span: int 
     same few shapes every token, so this keeps the per-call Python work to one lookup.
     ``ns``: the output rows of each weight (several: siblings in one launch). ``span`` > 0:
     the kernel rotates the activation itself, in blocks of ``span``."""
-    if cfg is None:
-        shared = span > 0 and rotated_elements(dtype, k, rows, LaunchConfig(), kernel_backend())
-        cfg = launch_config(sum(ns), k, rows, rotated_shared=bool(shared))
+    xsh = rotated_elements(dtype, k, rows, cfg or LaunchConfig(), kernel_backend()) if span else 0
+    cfg = cfg or launch_config(sum(ns), k, rows, rotated_shared=xsh > 0)
     template = [("T", dtype), ("BITS", bits), ("GS", gs), ("M", row_bucket(rows))]
     template += [*cfg.template(), ("QJL", qjl), ("ROT", span > 0), ("SPAN", span or 32)]
     if span > 0:
-        template.append(("XSH", rotated_elements(dtype, k, rows, cfg, kernel_backend())))
+        template.append(("XSH", xsh))
     groups = sum(-(-n // cfg.rows_per_group) for n in ns)
     return (
         get_kernel("matvec", qjl, rotate=span > 0, segments=len(ns)),
