@@ -19,11 +19,9 @@ usage: python benchmarks/device/probe_call_cost.py [--calls 200] [--json F]
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import mlx.core as mx
-from probe_rows import ProbeRows
+from probe_rows import ProbeRows, host_cost_us
 from tq_cli.bench_kv import _tq_cache, parse_settings
 from tq_kernels.kernel_file import by_file
 from tq_kvcache.attention import cache_attention
@@ -48,22 +46,6 @@ def _kernel(source: str, inputs: int, arrays: list, file: bool = False):
                  output_shapes=[(1,)], output_dtypes=[mx.float32])[0]  # fmt: skip
 
     return call
-
-
-def _time(make, calls: int) -> tuple[float, float]:
-    """(build, eval) us per call."""
-    builds, evals = [], []
-    for _ in range(6):
-        mx.synchronize()
-        t0 = time.perf_counter()
-        outs = [make() for _ in range(calls)]
-        t1 = time.perf_counter()
-        mx.eval(outs)
-        mx.synchronize()
-        t2 = time.perf_counter()
-        builds.append((t1 - t0) / calls * 1e6)
-        evals.append((t2 - t1) / calls * 1e6)
-    return statistics.median(builds[1:]), statistics.median(evals[1:])
 
 
 def main():
@@ -94,7 +76,7 @@ def main():
             q, c, 0.088
         )
     for kind, make in kinds.items():
-        build, evaluate = _time(make, a.calls)
+        build, evaluate = host_cost_us(make, a.calls)
         rows.emit(kind=kind, build_us=round(build, 2), eval_us=round(evaluate, 2))
     rows.save()
 

@@ -15,28 +15,16 @@ usage: python benchmarks/device/probe_projection_cost.py --model-dir DIR [--call
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import load_config
-from probe_rows import ProbeRows
+from probe_rows import ProbeRows, host_cost_us
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: decode_speed
 from decode_speed import make_model  # noqa: E402
-
-
-def _time(fn, calls: int) -> float:
-    rounds = []
-    for _ in range(6):
-        t0 = time.perf_counter()
-        outs = [fn() for _ in range(calls)]
-        rounds.append((time.perf_counter() - t0) / calls * 1e6)
-        mx.eval(outs)
-    return statistics.median(rounds[1:])
 
 
 def main():
@@ -84,7 +72,7 @@ def main():
             kinds["tq3 down: plan validity"] = lambda e=entry, p=plans: e.valid(p.layers)
             kinds["tq3 down: compiled launch alone"] = lambda e=entry: e.plan(h)
     for kind, fn in kinds.items():
-        rows.emit(kind=kind, build_us=round(_time(fn, a.calls), 2))
+        rows.emit(kind=kind, build_us=round(host_cost_us(fn, a.calls)[0], 2))
     rows.save()
 
 
