@@ -385,3 +385,32 @@ def test_replayed_decode_mlp_matches_reference_path(monkeypatch):
     for g, w in zip(got, want):
         assert rel_err(g, w.astype(mx.float32)) < 1e-2
     assert not dispatch._failed
+
+
+def test_replayed_decode_blocks_match_reference_path(monkeypatch):
+    """Llama decoder blocks replaying their two compiled decode traces around an fp16 KV cache
+    (tq_core's decode_block: the fused plans and RoPE at an offset array, recorded once)
+    against the reference path, step for step."""
+    import tq_core.decode_block as decode_block
+    from mlx_lm.models.cache import KVCache
+
+    monkeypatch.setattr(decode_block, "REPLAY", True)
+    model = _quantized_llama(layers=2, seed=2)
+    prompt = mx.array([[5, 17, 42, 7, 99, 3]])
+
+    def run():
+        cache = [KVCache() for _ in model.layers]
+        out = [model(prompt, cache=cache)[:, -1]]
+        for t in range(8):
+            out.append(model(mx.array([[t + 10]]), cache=cache)[:, -1])
+            mx.eval(out[-1])
+        return out
+
+    with dispatch.reference_only():
+        want = run()
+    got = run()
+    for layer in model.layers:
+        assert layer.__dict__["_tq_replay"].entries[((1, 1, 512), mx.float16)][0] == "replay"
+    for g, w in zip(got, want):
+        assert rel_err(g, w.astype(mx.float32)) < 1e-2
+    assert not dispatch._failed

@@ -3,6 +3,7 @@
 from . import dispatch
 from .checkpoint import CheckpointError, load_weights, read_quantization, save_checkpoint
 from .codebook import CODEBOOK_BITS, Codebook, gaussian_codebook, sphere_codebook
+from .decode_block import compile_decode_blocks
 from .decode_mlp import compile_decode_mlps
 from .embedding import TurboQuantEmbedding
 from .hadamard import (
@@ -69,6 +70,7 @@ __all__ = [
     "dequantize_weight_rotated",
     "group_siblings",
     "compile_decode_mlps",
+    "compile_decode_blocks",
     "layer_kind",
     "load_weights",
     "plan_layers",

@@ -8,6 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .decode_block import compile_decode_blocks
 from .decode_mlp import compile_decode_mlps
 from .embedding import TurboQuantEmbedding
 from .linear import TurboQuantLinear
@@ -115,10 +116,12 @@ def apply_plan(
 
 def quantize_model(model: nn.Module, recipe: QuantRecipe, on_layer=None) -> dict[str, dict]:
     """Quantize ``model`` in place with ``recipe``; returns the per-layer plan. Sibling
-    projections are grouped to share decode launches (siblings.py), and dense MLPs replay
-    their decode calls from a trace (decode_mlp.py)."""
+    projections are grouped to share decode launches (siblings.py), dense MLPs replay
+    their decode calls from a trace (decode_mlp.py), and so do llama-style decoder blocks
+    around their KV cache (decode_block.py)."""
     plan = plan_layers(model, recipe)
     apply_plan(model, plan, recipe.scale_method, on_layer)
     group_siblings(model)
     compile_decode_mlps(model)
+    compile_decode_blocks(model)
     return plan

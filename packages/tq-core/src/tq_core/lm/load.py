@@ -12,6 +12,7 @@ from mlx.utils import tree_map_with_path
 from mlx_lm.utils import _get_classes, load_tokenizer
 
 from ..checkpoint import CheckpointError, load_weights, read_quantization
+from ..decode_block import compile_decode_blocks
 from ..decode_mlp import compile_decode_mlps
 from ..quantize_model import apply_plan
 from ..siblings import group_siblings
@@ -77,6 +78,7 @@ def load(
     model.eval()
     group_siblings(model)
     compile_decode_mlps(model)
+    compile_decode_blocks(model)
     if not tokenizer:
         return model, None
     tok = load_tokenizer(path, eos_token_ids=model_config.get("eos_token_id"))

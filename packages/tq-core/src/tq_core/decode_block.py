@@ -1,0 +1,236 @@
+"""Decode steps of llama-style transformer blocks replayed as two ``mx.compile`` traces.
+
+On MLX-CUDA, decode of 1B- to 8B-class models is bound by the host time it takes to record
+each step's ops (docs/kernels.md): a TurboQuant decoder layer took 56.9 us to record on the
+H100 host against 38.6 us for MLX's affine one, although it launches fewer kernels. Around
+its KV cache a decoder block is two pure functions of its inputs once its weights are fixed:
+
+- before the cache: ``input_layernorm``, the q/k/v projections, their head reshapes and
+  RoPE at the cache's offset (passed as an array, so one trace serves every position);
+- after the attention: the output reshape, ``o_proj``, the residual, ``post_attention_layernorm``,
+  the MLP and its residual.
+
+After the first call at a decode shape (which builds the projections' plans) each is traced
+once and later steps replay the recorded kernels from C++; only ``cache.update_and_fetch``
+and the model module's own ``scaled_dot_product_attention`` (so tq-kvcache's hook still
+routes TurboQuant caches to packed attention) run in Python. The arithmetic is the block's
+own, op for op: the traces call the block's modules.
+
+Taken: the blocks of mlx-lm's ``llama`` and ``qwen2`` modules (llama, Mistral, SmolLM,
+Qwen2 checkpoints), whose attention is mlx-lm's llama attention with ``nn.RoPE`` or
+``Llama3RoPE`` (an offset array is exact for both: ``mx.fast.rope``), and whose seven
+projections are all TurboQuant ones without QJL or in-place sharding. A trace holds while the
+dispatch generation, the default device and every module and array of the block are the
+ones it was recorded with (checked by identity at each call: a weight load, a replaced
+projection or :func:`tq_core.dispatch.reference_only` runs the plain call and traces again).
+``TQ_COMPILE_BLOCK=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from operator import is_
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import dispatch
+from .decode_mlp import _plan
+from .linear import TurboQuantLinear
+from .weight_layer import compute_dtype
+
+__all__ = ["BLOCK_MODULES", "MAX_ROWS", "REPLAY", "compile_decode_blocks"]
+
+#: Decode shapes only (batch x query tokens): prefill runs the plain call.
+MAX_ROWS = 8
+#: Traces kept per block (decode uses one or two input shapes).
+MAX_SHAPES = 8
+REPLAY = os.environ.get("TQ_COMPILE_BLOCK", "1") != "0"
+#: mlx-lm model modules whose ``TransformerBlock`` and ``Attention`` are the llama ones this
+#: module reproduces the order of (checked against the plain call by the tests).
+BLOCK_MODULES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2")
+_ROPES = (("mlx.nn.layers.positional_encoding", "RoPE"), ("mlx_lm.models.rope_utils", "Llama3RoPE"))
+_PROJECTIONS = (
+    ("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
+    ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"),
+)  # fmt: skip
+
+
+def _named(cls: type) -> tuple[str, str]:
+    return cls.__module__, cls.__name__
+
+
+def _takes(block, cls: type) -> bool:
+    """Whether ``block``, made by mlx-lm as a ``cls``, is a llama-style block of TurboQuant
+    projections (module docstring)."""
+    if _named(cls) not in {(m, "TransformerBlock") for m in BLOCK_MODULES}:
+        return False
+    attn, mlp = block.get("self_attn"), block.get("mlp")
+    if attn is None or mlp is None or _named(type(attn)) != (cls.__module__, "Attention"):
+        return False
+    if _named(type(attn.get("rope"))) not in _ROPES:
+        return False
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        if type(block.get(norm)) is not nn.RMSNorm:
+            return False
+    for parent, name in _PROJECTIONS:
+        layer = block[parent].get(name)
+        if (
+            type(layer) is not TurboQuantLinear
+            or layer.use_qjl
+            or layer.__dict__.get("input_slice") is not None
+        ):
+            return False
+    return True
+
+
+def _held(module, out: list) -> list:
+    """``(container, key, value)`` for every module, array and container under ``module``:
+    what a trace recorded, checked by identity (``container[key] is value``)."""
+    items = module.items() if isinstance(module, dict) else enumerate(module)
+    for key, value in items:
+        if isinstance(value, (mx.array, nn.Module, dict, list)):
+            out.append((module, key, value))
+            if not isinstance(value, mx.array):
+                _held(value, out)
+    return out
+
+
+def _pre(block, x: mx.array, offset: mx.array):
+    """The block up to its cache: what mlx-lm's llama ``Attention`` does before
+    ``cache.update_and_fetch``."""
+    attn = block.self_attn
+    h = block.input_layernorm(x)
+    B, L, _ = h.shape
+    queries, keys, values = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+    queries = queries.reshape(B, L, attn.n_heads, -1).transpose(0, 2, 1, 3)
+    keys = keys.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    values = values.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    return attn.rope(queries, offset=offset), attn.rope(keys, offset=offset), values
+
+
+def _tail(block, output: mx.array, x: mx.array) -> mx.array:
+    """The block after its attention: the rest of ``Attention`` and of ``TransformerBlock``."""
+    B, _, L, _ = output.shape
+    h = x + block.self_attn.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
+    return h + block.mlp(block.post_attention_layernorm(h))
+
+
+class _Replay:
+    """One block's traces: per input (shape, dtype) an entry ``(kind, (generation, device),
+    traced)``: ``seen`` (one plain call ran, building any plans), ``plain`` (a projection
+    runs without a fused plan: stay plain) or ``replay`` with ``traced`` = (the block's
+    held items, the compiled pre and tail calls)."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self):
+        self.entries: dict[tuple, tuple] = {}
+
+
+#: ``(offset, array)`` of the last step: the layers of one step share one offset array.
+#: Replaced in one assignment, so threads never pair one offset with another's array.
+_offset: tuple = (None, None)
+
+
+def _offset_array(offset: int) -> mx.array:
+    global _offset
+    last = _offset
+    if last[0] == offset:
+        return last[1]
+    array = mx.array(offset, dtype=mx.int32)
+    _offset = (offset, array)
+    return array
+
+
+class _ReplayedBlock:
+    """Mixin put in front of a block's class by :func:`compile_decode_blocks`."""
+
+    def __call__(self, x: mx.array, mask=None, cache=None):
+        fns = _replay(self, x, cache) if REPLAY else None
+        if fns is None:
+            return super().__call__(x, mask, cache)
+        pre, tail = fns
+        queries, keys, values = pre(x, _offset_array(cache.offset))
+        keys, values = cache.update_and_fetch(keys, values)
+        attn = self.self_attn
+        sdpa = sys.modules[type(attn).__module__].scaled_dot_product_attention
+        output = sdpa(queries, keys, values, cache=cache, scale=attn.scale, mask=mask)
+        return tail(output, x)
+
+
+def _still_held(held: tuple) -> bool:
+    places, values = held
+    return all(map(is_, [c[k] for c, k in places], values))
+
+
+def _replay(block, x: mx.array, cache):
+    """``(pre, tail)`` for this call, or ``None`` (the plain call runs)."""
+    if (
+        cache is None
+        or type(cache.offset) is not int
+        or x.ndim != 3
+        or x.shape[0] * x.shape[1] > MAX_ROWS
+    ):
+        return None
+    state: _Replay = block.__dict__["_tq_replay"]
+    key = (x.shape, x.dtype)
+    now = (dispatch.generation(), mx.default_device())
+    entry = state.entries.get(key)
+    if entry is not None and entry[1] == now:
+        kind, _, traced = entry
+        if kind == "plain":
+            return None
+        if kind == "replay":
+            held, fns = traced
+            if _still_held(held):
+                return fns
+        elif not _takes(block, type(block).__mro__[2]):  # a projection replaced since?
+            state.entries[key] = ("plain", now, None)
+            return None
+        else:
+            lead, dtype = x.shape[:-1], compute_dtype(x)
+            plans = {_plan(block[p][n], lead, dtype) for p, n in _PROJECTIONS}
+            if plans == {"valid"}:
+                fns = (
+                    mx.compile(lambda x, offset: _pre(block, x, offset)),
+                    mx.compile(lambda output, x: _tail(block, output, x)),
+                )
+                found = _held(block, [])
+                held = (tuple((c, k) for c, k, _ in found), tuple(v for _, _, v in found))
+                state.entries[key] = ("replay", now, (held, fns))
+                return fns
+            if "none" in plans:  # a projection runs without a fused plan: stay plain
+                state.entries[key] = ("plain", now, None)
+            return None  # stale plans: the plain call rebuilds them
+    # New here, or the conditions or weights changed: one plain call first (it builds the
+    # projections' plans), then a trace.
+    while len(state.entries) >= MAX_SHAPES and key not in state.entries:
+        state.entries.pop(next(iter(state.entries)))
+    state.entries[key] = ("seen", now, None)
+    return None
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def _replaying_class(cls: type) -> type:
+    sub = _SUBCLASSES.get(cls)
+    if sub is None:
+        attrs = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        sub = _SUBCLASSES[cls] = type(cls.__name__, (_ReplayedBlock, cls), attrs)
+    return sub
+
+
+def compile_decode_blocks(model: nn.Module) -> int:
+    """Give every llama-style block of TurboQuant projections in ``model`` its replayed
+    decode step (see the module docstring); returns how many blocks were taken. Idempotent."""
+    taken = 0
+    for module in model.modules():
+        if isinstance(module, _ReplayedBlock) or not _takes(module, type(module)):
+            continue
+        module.__class__ = _replaying_class(type(module))
+        module.__dict__["_tq_replay"] = _Replay()
+        taken += 1
+    return taken
