@@ -1,6 +1,7 @@
 """Replayed decoder blocks (tq-core's decode_block) with a TurboQuant KV cache (tq-kvcache):
 decode still attends from the packed codes through tq-kvcache's hook, and the logits equal
-those of the plain blocks step for step (CPU, tq-core's fake plan kernel)."""
+those of the plain blocks step for step: on the CPU with tq-core's fake plan kernel, and on
+a GPU with tq-kernels' own kernels (skipped without one)."""
 
 import importlib.util
 from pathlib import Path
@@ -23,16 +24,20 @@ _spec.loader.exec_module(helpers)
 
 @pytest.fixture
 def fake(monkeypatch):
-    monkeypatch.setattr(decode_block, "REPLAY", True)
+    """tq-core's fake plan kernel, on the CPU whatever the machine (on a GPU, tq-kernels'
+    own kernels would take the ops the fake does not)."""
     kernel = helpers.FakePlans()
     dispatch._load_providers()
     dispatch.register_kernel("rotating_matmul_plan", kernel)
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)
     yield kernel
+    mx.set_default_device(device)
     for op in dispatch.OPS:
         dispatch.unregister_kernel(op)
 
 
-def _model():
+def _model(dtype=mx.float32):
     args = llama.ModelArgs(
         model_type="llama", hidden_size=128, num_hidden_layers=2, intermediate_size=256,
         num_attention_heads=2, num_key_value_heads=1, head_dim=64, rms_norm_eps=1e-5,
@@ -41,8 +46,32 @@ def _model():
     mx.random.seed(3)
     model = llama.Model(args)
     quantize_model(model, QuantRecipe(bits=4, group_size=64))
+    model.set_dtype(dtype)
     mx.eval(model.parameters())
     return model
+
+
+def _run(model, monkeypatch, replay: bool):
+    """Last-position logits of a 40-token prefill and 12 decode steps over a K3V2 cache."""
+    monkeypatch.setattr(decode_block, "REPLAY", replay)
+    knobs = dict(k_bits=3, v_bits=2, sink_tokens=4, buffer=4, flush_batch=4)
+    cache = make_turboquant_cache(model, **knobs)
+    out = [model(mx.array([[(i * 7) % 60 + 2 for i in range(40)]]), cache=cache)[:, -1]]
+    for t in range(12):
+        out.append(model(mx.array([[t + 2]]), cache=cache)[:, -1])
+        mx.eval(out[-1])
+    return out, cache
+
+
+def _kinds(model):
+    return [
+        [entry[0] for key, entry in layer.__dict__["_tq_replay"].entries.items() if key[0] == (1, 1, 128)]
+        for layer in model.layers
+    ]  # fmt: skip
+
+
+def _rel(got, want):
+    return mx.abs(got - want).max().item() / max(mx.abs(want).max().item(), 1e-6)
 
 
 def test_replayed_blocks_attend_from_packed_codes_and_match(fake, monkeypatch):
@@ -52,24 +81,23 @@ def test_replayed_blocks_attend_from_packed_codes_and_match(fake, monkeypatch):
     monkeypatch.setattr(
         hook, "cache_attention", lambda *a, **k: packed.append(1) or original(*a, **k)
     )
-    prompt = mx.array([[(i * 7) % 60 + 2 for i in range(40)]])
-
-    def run(replay: bool):
-        monkeypatch.setattr(decode_block, "REPLAY", replay)
-        knobs = dict(k_bits=3, v_bits=2, sink_tokens=4, buffer=4, flush_batch=4)
-        cache = make_turboquant_cache(model, **knobs)
-        out = [model(prompt, cache=cache)[:, -1]]
-        for t in range(12):
-            out.append(model(mx.array([[t + 2]]), cache=cache)[:, -1])
-            mx.eval(out[-1])
-        return out, cache
-
-    want, _ = run(False)
+    want, _ = _run(model, monkeypatch, replay=False)
     packed.clear()
-    got, cache = run(True)
+    got, cache = _run(model, monkeypatch, replay=True)
     assert len(packed) == 12 * 2  # every decode step of both layers, replayed or not
     assert cache[0].packed_codes()[0]  # the context is held compressed
-    kinds = [layer.__dict__["_tq_replay"].entries[((1, 1, 128), mx.float32)][0] for layer in model.layers]  # fmt: skip
-    assert kinds == ["replay", "replay"]
+    assert _kinds(model) == [["replay"], ["replay"]]
     for g, w in zip(got, want):
-        assert mx.abs(g - w).max().item() <= 1e-5 * max(mx.abs(w).max().item(), 1.0)
+        assert _rel(g, w) <= 1e-5
+
+
+@pytest.mark.skipif(mx.default_device() == mx.cpu, reason="needs a GPU (Metal or CUDA)")
+def test_replayed_blocks_with_kernels_and_packed_attention_on_gpu(monkeypatch):
+    """The same on a GPU: tq-kernels' fused plans in the traces, packed attention between."""
+    model = _model(mx.float16)
+    want, _ = _run(model, monkeypatch, replay=False)
+    got, _ = _run(model, monkeypatch, replay=True)
+    assert _kinds(model) == [["replay"], ["replay"]]
+    for g, w in zip(got, want):
+        assert _rel(g.astype(mx.float32), w.astype(mx.float32)) < 1e-2
+    assert not dispatch._failed
