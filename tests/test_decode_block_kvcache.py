@@ -64,10 +64,8 @@ def _run(model, monkeypatch, replay: bool):
 
 
 def _kinds(model):
-    return [
-        [entry[0] for key, entry in layer.__dict__["_tq_replay"].entries.items() if key[0] == (1, 1, 128)]
-        for layer in model.layers
-    ]  # fmt: skip
+    entries = [layer.__dict__["_tq_replay"].entries for layer in model.layers]
+    return [[e[0] for key, e in entries.items() if key[0] == (1, 1, 128)] for entries in entries]
 
 
 def _rel(got, want):

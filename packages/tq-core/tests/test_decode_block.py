@@ -9,7 +9,7 @@ import mlx.nn as nn
 import pytest
 import tq_core.decode_block as decode_block
 import tq_core.decode_mlp as decode_mlp
-from mlx_lm.models import llama, qwen2
+from mlx_lm.models import llama, qwen2, qwen3
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 from tq_core import QuantRecipe, compile_decode_blocks, dispatch, quantize_model
 
@@ -27,11 +27,12 @@ def replay_on_the_cpu(monkeypatch):
 
 
 def _model(module=llama, **extra):
-    args = module.ModelArgs(
+    kw = dict(
         model_type=module.__name__.rsplit(".", 1)[1], hidden_size=128, num_hidden_layers=2,
         intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-        vocab_size=64, tie_word_embeddings=False, **extra,
+        vocab_size=64, tie_word_embeddings=False,
     )  # fmt: skip
+    args = module.ModelArgs(**{**kw, **extra})
     mx.random.seed(0)
     model = module.Model(args)
     quantize_model(model, QuantRecipe(bits=3, group_size=64))
@@ -98,12 +99,13 @@ def test_replayed_steps_match_the_plain_steps(fake, monkeypatch, cache, assert_c
     "module, extra",
     [
         (qwen2, {}),
+        (qwen3, {"head_dim": 32, "max_position_embeddings": 4096, "rope_theta": 1e6}),
         (llama, {"rope_scaling": {"rope_type": "llama3", "factor": 8.0,
                                   "high_freq_factor": 4.0, "low_freq_factor": 1.0,
                                   "original_max_position_embeddings": 16}}),
         (llama, {"attention_bias": True, "rope_traditional": True}),
     ],
-    ids=["qwen2", "llama3-rope", "bias-traditional"],
+    ids=["qwen2", "qwen3", "llama3-rope", "bias-traditional"],
 )  # fmt: skip
 def test_other_llama_style_blocks_match(fake, monkeypatch, module, extra, assert_close):
     model = _model(module, **extra)
@@ -161,11 +163,9 @@ def _twin_step(model, cache, token, monkeypatch):
 def test_new_weights_run_plainly_then_trace_again(fake, monkeypatch, assert_close):
     model = _model()
     cache = _replaying(model)
-    donor = _model()
-    donor.layers[0].self_attn.o_proj.update(
-        {k: v * 0 + 1 if k == "scales" else v for k, v in donor.layers[0].self_attn.o_proj.parameters().items()}
-    )  # fmt: skip
-    model.layers[0].self_attn.o_proj.update(donor.layers[0].self_attn.o_proj.parameters())
+    fresh = _model().layers[0].self_attn.o_proj.parameters()
+    fresh["scales"] = mx.ones_like(fresh["scales"])  # new arrays, and other values
+    model.layers[0].self_attn.o_proj.update(fresh)
     model.layers[1].input_layernorm.weight = mx.full((128,), 2.0)
     launches = fake.launches
     got, want = _twin_step(model, cache, 8, monkeypatch)
@@ -199,10 +199,11 @@ def test_reference_only_prefill_and_no_cache_run_plainly(fake, monkeypatch, asse
     rows = decode_block.MAX_ROWS + 1
     x = mx.random.normal((1, rows, 128))
     block = model.layers[0]
-    assert_close(block(x, mask="causal", cache=KVCache()), super(type(block), block).__call__(x, "causal", KVCache()))  # fmt: skip
+    plain = super(type(block), block).__call__
+    assert_close(block(x, mask="causal", cache=KVCache()), plain(x, "causal", KVCache()))
     assert (1, rows, 128) not in _kinds(model)[0]
     y = mx.random.normal((1, 1, 128))
-    assert_close(block(y), super(type(block), block).__call__(y))
+    assert_close(block(y), plain(y))
 
 
 def test_off_every_step_runs_plainly(fake, monkeypatch):

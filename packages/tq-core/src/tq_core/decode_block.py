@@ -16,8 +16,9 @@ and the model module's own ``scaled_dot_product_attention`` (so tq-kvcache's hoo
 routes TurboQuant caches to packed attention) run in Python. The arithmetic is the block's
 own, op for op: the traces call the block's modules.
 
-Taken: the blocks of mlx-lm's ``llama`` and ``qwen2`` modules (llama, Mistral, SmolLM,
-Qwen2 checkpoints), whose attention is mlx-lm's llama attention with ``nn.RoPE`` or
+Taken: the blocks of mlx-lm's ``llama``, ``qwen2`` and ``qwen3`` modules (llama, Mistral,
+SmolLM, Qwen2, Qwen3 checkpoints), whose attention is mlx-lm's llama attention (Qwen3's with
+its per-head q/k norms) with ``nn.RoPE`` or
 ``Llama3RoPE`` (an offset array is exact for both: ``mx.fast.rope``), and whose seven
 projections are all TurboQuant ones without QJL or in-place sharding. A trace holds while the
 dispatch generation, the default device and every module and array of the block are the
@@ -48,8 +49,13 @@ MAX_ROWS = 8
 MAX_SHAPES = 8
 REPLAY = os.environ.get("TQ_COMPILE_BLOCK", "1") != "0"
 #: mlx-lm model modules whose ``TransformerBlock`` and ``Attention`` are the llama ones this
-#: module reproduces the order of (checked against the plain call by the tests).
-BLOCK_MODULES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2")
+#: module reproduces the order of (checked against the plain call by the tests), and whether
+#: their attention normalizes each query and key head before RoPE (Qwen3's q_norm/k_norm).
+BLOCK_MODULES = {
+    "mlx_lm.models.llama": False,
+    "mlx_lm.models.qwen2": False,
+    "mlx_lm.models.qwen3": True,
+}
 _ROPES = (("mlx.nn.layers.positional_encoding", "RoPE"), ("mlx_lm.models.rope_utils", "Llama3RoPE"))
 _PROJECTIONS = (
     ("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
@@ -71,9 +77,11 @@ def _takes(block, cls: type) -> bool:
         return False
     if _named(type(attn.get("rope"))) not in _ROPES:
         return False
-    for norm in ("input_layernorm", "post_attention_layernorm"):
-        if type(block.get(norm)) is not nn.RMSNorm:
-            return False
+    norms = [(block, "input_layernorm"), (block, "post_attention_layernorm")]
+    if BLOCK_MODULES[cls.__module__]:
+        norms += [(attn, "q_norm"), (attn, "k_norm")]
+    if any(type(m.get(name)) is not nn.RMSNorm for m, name in norms):
+        return False
     for parent, name in _PROJECTIONS:
         layer = block[parent].get(name)
         if (
@@ -104,8 +112,12 @@ def _pre(block, x: mx.array, offset: mx.array):
     h = block.input_layernorm(x)
     B, L, _ = h.shape
     queries, keys, values = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-    queries = queries.reshape(B, L, attn.n_heads, -1).transpose(0, 2, 1, 3)
-    keys = keys.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    queries = queries.reshape(B, L, attn.n_heads, -1)
+    keys = keys.reshape(B, L, attn.n_kv_heads, -1)
+    if "q_norm" in attn:  # Qwen3: per-head RMS norms before RoPE
+        queries, keys = attn.q_norm(queries), attn.k_norm(keys)
+    queries = queries.transpose(0, 2, 1, 3)
+    keys = keys.transpose(0, 2, 1, 3)
     values = values.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
     return attn.rope(queries, offset=offset), attn.rope(keys, offset=offset), values
 

@@ -60,6 +60,7 @@ class SiblingGroup:
         self._memo = (x, kept)
         return outs[position]
 
+
 def _compatible(layers) -> bool:
     first = layers[0]
     if any(type(layer) is not TurboQuantLinear or layer.use_qjl for layer in layers):
