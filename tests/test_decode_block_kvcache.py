@@ -29,6 +29,7 @@ def fake(monkeypatch):
     kernel = helpers.FakePlans()
     dispatch._load_providers()
     dispatch.register_kernel("rotating_matmul_plan", kernel)
+    dispatch.register_kernel("rotating_matmul_residual_plan", kernel.residual)
     device = mx.default_device()
     mx.set_default_device(mx.cpu)
     yield kernel

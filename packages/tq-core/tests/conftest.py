@@ -1,6 +1,6 @@
-"""Shared test helpers for tq-core: device-aware closeness for float32 matmul results, a fake
-``rotating_matmul_plan`` kernel (mlx ops on the CPU, counting builds and launches) and a tiny
-quantized llama."""
+"""Shared test helpers for tq-core: device-aware closeness for float32 matmul results, fake
+``rotating_matmul_plan`` and ``rotating_matmul_residual_plan`` kernels (mlx ops on the CPU,
+counting builds and launches) and a tiny quantized llama."""
 
 import mlx.core as mx
 import pytest
@@ -65,12 +65,20 @@ class FakePlans:
 
         return plan
 
+    def residual(self, x, codes, rotation):
+        """The ``rotating_matmul_residual_plan`` kernel: ``plan(x2, r) -> [r + ...]``."""
+        inner = self(x, codes, rotation) if len(codes) == 1 else None
+        if inner is None:
+            return None
+        return lambda x2, r: [r + inner(x2)[0]]
+
 
 @pytest.fixture
 def fake():
     kernel = FakePlans()
     dispatch._load_providers()  # an installed tq-kernels must not replace the fake later
     dispatch.register_kernel("rotating_matmul_plan", kernel)
+    dispatch.register_kernel("rotating_matmul_residual_plan", kernel.residual)
     yield kernel
     for op in dispatch.OPS:
         dispatch.unregister_kernel(op)

@@ -87,12 +87,31 @@ def test_replayed_steps_match_the_plain_steps(fake, monkeypatch, cache, assert_c
     launches = fake.launches
     got = _decode(model, CACHES[cache], steps=10)
     # The 5-token prefill has no plan (the fake takes <= 2 rows). Per layer, the 1st decode
-    # step (plain) launches q/k/v and o (the MLP replays already), the 2nd (traced) all four
-    # (a trace runs the MLP's Python too); later steps replay: only the lm_head's plan runs.
-    assert fake.widths[launches:] == [3, 1] * 2 + [1] + [3, 1, 2, 1] * 2 + [1] * 9
+    # step (plain) launches q/k/v and o (the MLP replays already); the 2nd builds o's and
+    # down's residual plans (one launch each, on zeros), then traces q/k/v, o + residual,
+    # gate/up and down + residual; later steps replay: only the lm_head's plan runs.
+    assert fake.widths[launches:] == [3, 1] * 2 + [1] + [1, 1, 3, 1, 2, 1] * 2 + [1] * 9
     assert all(k[(1, 1, 128)] == "replay" for k in _kinds(model))
     for g, w in zip(got, want):
         assert_close(g, w)
+
+
+def test_residual_adds_fold_into_the_projections_or_run_apart(fake, monkeypatch, assert_close):
+    model = _model()
+    want = _plainly(model, KVCache, monkeypatch)
+    built = []
+    residual = fake.residual
+    monkeypatch.setattr(fake, "residual", lambda *a: built.append(1) or residual(*a))
+    dispatch.register_kernel("rotating_matmul_residual_plan", fake.residual)
+    for fold in (True, False):
+        monkeypatch.setattr(decode_block, "RESIDUAL", fold)
+        built.clear()
+        got = _decode(model, KVCache)
+        assert len(built) == (4 if fold else 0)  # o and down of 2 layers: plans, or none
+        assert all(k[(1, 1, 128)] == "replay" for k in _kinds(model))
+        for g, w in zip(got, want):
+            assert_close(g, w)
+        dispatch.register_kernel("rotating_matmul_residual_plan", fake.residual)  # new traces
 
 
 @pytest.mark.parametrize(

@@ -256,17 +256,27 @@ def _weight_kernels(backend: str):
     half = _HALF[backend]
     groups = {}
     for dtype, ctype in DTYPES[backend].items():
-        for op, qjl, span, segments in (
-            ("matvec", False, 0, 1),
-            ("matvec", True, 0, 1),
-            ("matvec", False, 32, 1),
-            ("matvec", False, 128, 2),
-            ("matvec", False, 0, 3),
-            ("gather_matvec", False, 0, 1),
-            ("gather_matvec", True, 0, 1),
+        for op, qjl, span, segments, residual in (
+            ("matvec", False, 0, 1, False),
+            ("matvec", True, 0, 1, False),
+            ("matvec", False, 32, 1, False),
+            ("matvec", False, 64, 1, True),
+            ("matvec", False, 0, 1, True),
+            ("matvec", False, 128, 2, False),
+            ("matvec", False, 0, 3, False),
+            ("gather_matvec", False, 0, 1, False),
+            ("gather_matvec", True, 0, 1, False),
         ):
-            src = kernel_source(op, backend, qjl=qjl, rotate=span > 0, segments=segments)
-            types = {"x": ctype, "xs": ctype, "codebook": "float", "ei": "unsigned int"}
+            src = kernel_source(
+                op, backend, qjl=qjl, rotate=span > 0, segments=segments, residual=residual
+            )
+            types = {
+                "x": ctype,
+                "xs": ctype,
+                "res": ctype,
+                "codebook": "float",
+                "ei": "unsigned int",
+            }
             args = {
                 n: types.get(n, "unsigned int" if n.startswith(("w", "qsigns", "rsigns")) else half)
                 for n in src.input_names

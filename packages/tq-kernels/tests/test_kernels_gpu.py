@@ -170,6 +170,59 @@ def test_rotating_matvec_every_launch_geometry(cfg):
     assert rel_err(got, reference(rotate(x, rot), codes)) < TOL[mx.float32]
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize(("k", "span"), [(576, 32), (2048, 64), (8192, 128), (14336, 64)])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_residual_plan_adds_the_residual_in_the_kernel(dtype, k, span, rows):
+    """``rotating_matmul_residual_plan``: ``r + rotate(x) @ W.T`` in one launch, against the
+    plain plan plus ``r`` (the sum rounded once instead of twice) and the reference."""
+    from tq_core.rotation import make_rotation, rotate
+    from tq_kernels import rotating_matmul_plan, rotating_matmul_residual_plan
+
+    dt = DTYPES[dtype]
+    n = 333
+    codes = random_codes((n, k), 3, 64, seed=k)
+    rot = make_rotation(k, seed=span, block=span)
+    rot_dt = type(rot)(rot.dim, rot.block, rot.seed, rot.signs.astype(dt))
+    x = mx.random.normal((rows, 1, k), key=mx.random.key(rows)).astype(dt)
+    r = (10 * mx.random.normal((rows, 1, n), key=mx.random.key(7))).astype(dt)
+    plan = rotating_matmul_residual_plan(x, [codes], rot_dt)
+    assert plan is not None
+    got = plan(x, r)[0]
+    assert got.shape == (rows, 1, n) and got.dtype == dt
+    unfused = r + rotating_matmul_plan(x, [codes], rot_dt)(x)[0]
+    assert rel_err(got, unfused.astype(mx.float32)) < TOL[dt]
+    want = r.astype(mx.float32) + reference(rotate(x.astype(mx.float32), rot), codes)
+    assert rel_err(got, want) < TOL[dt]
+    x2 = mx.random.normal(x.shape, key=mx.random.key(11)).astype(dt)  # the plan is reused
+    want2 = r.astype(mx.float32) + reference(rotate(x2.astype(mx.float32), rot), codes)
+    assert rel_err(plan(x2, r)[0], want2) < TOL[dt]
+    assert rotating_matmul_residual_plan(x, [codes, codes], rot_dt) is None  # one weight only
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        LaunchConfig(1, 1, 4),
+        LaunchConfig(4, 4, 4),
+        LaunchConfig(4, 2, 4, rotate_shared=False),
+        LaunchConfig(2, 1, 8, rotate_shared=False),
+    ],
+)
+def test_residual_in_every_launch_geometry(cfg):
+    """Both epilogues (one warp per row group, and K-split warps meeting in shared memory)."""
+    from tq_core.rotation import make_rotation, rotate
+    from tq_kernels import pack_sign_bits, rotating_matvec
+
+    k = 2880
+    rot = make_rotation(k, seed=3, block=64)
+    codes = random_codes((333, k), 4, 32, seed=5)
+    x = mx.random.normal((2, k), key=mx.random.key(9))
+    r = mx.random.normal((2, 333), key=mx.random.key(10))
+    got = rotating_matvec(x, codes, pack_sign_bits(rot.signs), 64, config=cfg, residual=r)
+    assert rel_err(got, r + reference(rotate(x, rot), codes)) < TOL[mx.float32]
+
+
 def test_rotating_matvec_declines_what_it_cannot_do():
     from tq_core.rotation import make_rotation
 

@@ -153,6 +153,21 @@ def test_minified_sources_stay_one_body(op):
     assert body(cuda) == body(metal)
 
 
+def test_residual_variant_is_one_weight_matvec_with_a_last_input():
+    src = kernel_source("matvec", "cuda", rotate=True, residual=True)
+    assert src.input_names[-1] == "res" and src.name.endswith("_res_cuda")
+    assert "RES" in src.header and "true>(" in src.body
+    plain = kernel_source("matvec", "cuda", rotate=True)
+    assert "res" not in plain.input_names and "false>(" in plain.body
+    for bad in (
+        dict(op="matvec", segments=2),
+        dict(op="matvec", qjl=True),
+        dict(op="gather_matvec"),
+    ):
+        with pytest.raises(ValueError, match="residual=True"):
+            kernel_source(backend="cuda", residual=True, **bad)
+
+
 def test_plan_passes_inputs_in_the_kernels_order(monkeypatch):
     """On the CPU, a stand-in kernel that computes the op from its inputs *by name* (the
     names kernel_source declares) checks the plan's argument order, outputs and replay."""
@@ -166,8 +181,10 @@ def test_plan_passes_inputs_in_the_kernels_order(monkeypatch):
     mv = sys.modules["tq_kernels.matvec"]
 
     class StandIn:
-        def __init__(self, segments):
-            self.src = kernel_source("matvec", "cuda", rotate=True, segments=segments)
+        def __init__(self, segments, residual):
+            self.src = kernel_source(
+                "matvec", "cuda", rotate=True, segments=segments, residual=residual
+            )
 
         def __call__(self, inputs, template, grid, threadgroup, output_shapes, output_dtypes):
             named = dict(zip(self.src.input_names, inputs, strict=True))
@@ -180,9 +197,15 @@ def test_plan_passes_inputs_in_the_kernels_order(monkeypatch):
                 s = str(i) if i else ""
                 w = QuantizedWeight(named[f"w{s}"], named[f"scales{s}"], t["BITS"], t["GS"])
                 outs.append((x @ dequantize_weight_rotated(w).T).reshape(shape))
+            if "res" in named:
+                outs[0] = outs[0] + named["res"]
             return outs
 
-    monkeypatch.setattr(mv, "get_kernel", lambda op, qjl, rotate, segments: StandIn(segments))
+    monkeypatch.setattr(
+        mv,
+        "get_kernel",
+        lambda op, qjl, rotate, segments, residual: StandIn(segments, residual),
+    )
     mv._matvec_plan.cache_clear()
     mv._compiled_launch.cache_clear()
     try:
@@ -204,6 +227,14 @@ def test_plan_passes_inputs_in_the_kernels_order(monkeypatch):
             for out, c in zip(outs, codes):
                 want = rotate(xt, rot) @ dequantize_weight_rotated(c).T
                 assert mx.allclose(out, want, atol=1e-4).item()
+        # The residual plan: x, w, scales, codebook, rsigns, then the residual.
+        plan = rotating_matvec_plan(x, codes[:1], pack_sign_bits(signs), 64, residual=True)
+        r = mx.random.normal((1, 1, ns[0]), key=mx.random.key(4))
+        (out,) = plan(x, r)
+        want = r + rotate(x, rot) @ dequantize_weight_rotated(codes[0]).T
+        assert mx.allclose(out, want, atol=1e-4).item()
+        with pytest.raises(ValueError, match="one weight"):
+            rotating_matvec_plan(x, codes, pack_sign_bits(signs), 64, residual=True)
     finally:
         mv._matvec_plan.cache_clear()
         mv._compiled_launch.cache_clear()

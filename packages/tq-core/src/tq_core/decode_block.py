@@ -48,6 +48,10 @@ MAX_ROWS = 8
 #: Traces kept per block (decode uses one or two input shapes).
 MAX_SHAPES = 8
 REPLAY = os.environ.get("TQ_COMPILE_BLOCK", "1") != "0"
+#: Replayed blocks add their residuals in ``o_proj``'s and ``down_proj``'s launches, where
+#: tq-kernels provides ``rotating_matmul_residual_plan`` (``TQ_FUSE_RESIDUAL=0``: they add
+#: as mlx-lm does).
+RESIDUAL = os.environ.get("TQ_FUSE_RESIDUAL", "1") != "0"
 #: mlx-lm model modules whose ``TransformerBlock`` and ``Attention`` are the llama ones this
 #: module reproduces the order of (checked against the plain call by the tests), and whether
 #: their attention normalizes each query and key head before RoPE (Qwen3's q_norm/k_norm).
@@ -74,6 +78,8 @@ def _takes(block, cls: type) -> bool:
         return False
     attn, mlp = block.get("self_attn"), block.get("mlp")
     if attn is None or mlp is None or _named(type(attn)) != (cls.__module__, "Attention"):
+        return False
+    if _named(type(mlp)) != (cls.__module__, "MLP"):  # its call is written out in _tail
         return False
     if _named(type(attn.get("rope"))) not in _ROPES:
         return False
@@ -123,10 +129,36 @@ def _pre(block, x: mx.array, offset: mx.array):
 
 
 def _tail(block, output: mx.array, x: mx.array) -> mx.array:
-    """The block after its attention: the rest of ``Attention`` and of ``TransformerBlock``."""
+    """The block after its attention: the rest of ``Attention`` and of ``TransformerBlock``
+    (with ``RESIDUAL``, the MLP's ``down_proj(swiglu(gate_proj(n), up_proj(n)))`` written
+    out, so its residual add goes into the down projection's launch)."""
+    attn, mlp = block.self_attn, block.mlp
     B, _, L, _ = output.shape
-    h = x + block.self_attn.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
-    return h + block.mlp(block.post_attention_layernorm(h))
+    h = _plus_projected(x, attn.o_proj, output.transpose(0, 2, 1, 3).reshape(B, L, -1))
+    n = block.post_attention_layernorm(h)
+    if not RESIDUAL:
+        return h + mlp(n)
+    swiglu = sys.modules[type(mlp).__module__].swiglu
+    return _plus_projected(h, mlp.down_proj, swiglu(mlp.gate_proj(n), mlp.up_proj(n)))
+
+
+def _plus_projected(residual: mx.array, layer, x: mx.array) -> mx.array:
+    """``residual + layer(x)``: one launch where the layer's residual plan applies."""
+    if RESIDUAL:
+        y = layer.fused_residual_matmul(x, residual)
+        if y is not None:
+            return y
+    return residual + layer(x)
+
+
+def _build_residual_plans(block, x: mx.array) -> None:
+    """Build ``o_proj``'s and ``down_proj``'s residual plans for a block input like ``x``
+    before tracing: a kernel configuration's first launch is evaluated when its plan is
+    built, which a trace cannot do."""
+    lead, dtype = x.shape[:-1], x.dtype
+    for layer in (block.self_attn.o_proj, block.mlp.down_proj):
+        inp = mx.zeros((*lead, layer.input_dims), dtype)
+        layer.fused_residual_matmul(inp, mx.zeros((*lead, layer.output_dims), dtype))
 
 
 class _Replay:
@@ -205,6 +237,8 @@ def _replay(block, x: mx.array, cache):
             lead, dtype = x.shape[:-1], compute_dtype(x)
             plans = {_plan(block[p][n], lead, dtype) for p, n in _PROJECTIONS}
             if plans == {"valid"}:
+                if RESIDUAL:
+                    _build_residual_plans(block, x)
                 fns = (
                     mx.compile(lambda x, offset: _pre(block, x, offset)),
                     mx.compile(lambda output, x: _tail(block, output, x)),

@@ -63,13 +63,15 @@ class PlanCache:
     the default device and the layers' arrays are the same (loading weights, a kernel
     failure or :func:`~tq_core.dispatch.reference_only` rebuilds it)."""
 
-    def __init__(self, layers: Sequence):
+    def __init__(self, layers: Sequence, op: str = "rotating_matmul_plan"):
         self.layers = tuple(layers)
+        self.op = op  # or "rotating_matmul_residual_plan": plan(x, r) -> [r + rotate(x) @ W.T]
         self.entries: dict[tuple, _Entry] = {}
 
-    def run(self, x: mx.array) -> list[mx.array] | None:
-        """``[rotate(x) @ W_i.T for each layer]`` through a fused kernel, or ``None`` where
-        none applies (the caller then runs its own path)."""
+    def run(self, x: mx.array, *residual: mx.array) -> list[mx.array] | None:
+        """``[rotate(x) @ W_i.T for each layer]`` through a fused kernel (plus ``residual``
+        for a residual plan), or ``None`` where none applies (the caller then runs its own
+        path)."""
         key = (x.shape, x.dtype)
         entry = self.entries.get(key)
         if entry is None or not entry.valid(self.layers):
@@ -78,7 +80,7 @@ class PlanCache:
                 self.entries.pop(next(iter(self.entries)))
             entry = self.entries[key] = _Entry(self.layers, self._build(x))
         plan = entry.plan
-        return None if plan is None else plan(x)
+        return None if plan is None else plan(x, *residual)
 
     def _build(self, x: mx.array):
         first = self.layers[0]
@@ -89,4 +91,4 @@ class PlanCache:
             QuantizedWeight(layer["indices"], layer["scales"], layer.bits, layer.group_size)
             for layer in self.layers
         ]
-        return dispatch.call_kernel("rotating_matmul_plan", x, codes, first._rotation_as(x.dtype))
+        return dispatch.call_kernel(self.op, x, codes, first._rotation_as(x.dtype))

@@ -21,6 +21,10 @@ rotated once more by its sketch, both present or both ``None``):
   a plan is built once per shape and reused every decode step, so a step pays one lookup
   per projection instead of the checks of every call (decode_plan.py). ``rotation.signs``
   is in ``x.dtype``. Layers without QJL try it first, then ``weight_matmul``.
+- ``"rotating_matmul_residual_plan"``: the same for one weight, with a residual added in the
+  kernel: ``plan(x2, r) -> [r + rotate(x2, rotation) @ W.T]``, ``r`` of the output's shape
+  and x's dtype. Replayed decoder blocks fold their residual adds into ``o_proj`` and
+  ``down_proj`` with it (decode_block.py); without it they add as usual.
 - ``"weight_gather_matmul"``: ``fn(x_rot, codes (E, out, in), expert_indices,
   sorted_indices, qjl, x_sketch)`` returns what
   ``mx.gather_mm(x_rot, W_rot.swapaxes(-1, -2), rhs_indices=expert_indices)`` returns.
@@ -37,7 +41,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib.metadata import entry_points
 
-OPS = ("weight_matmul", "rotating_matmul_plan", "weight_gather_matmul")
+OPS = (
+    "weight_matmul",
+    "rotating_matmul_plan",
+    "rotating_matmul_residual_plan",
+    "weight_gather_matmul",
+)
 ENTRY_POINT_GROUP = "tq_core.kernels"
 
 _kernels: dict[str, Callable] = {}

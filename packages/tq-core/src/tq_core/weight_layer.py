@@ -202,6 +202,22 @@ class TurboQuantWeights(nn.Module):
         out = plans.run(x if x.dtype == dtype else x.astype(dtype))
         return None if out is None else out[0]
 
+    def fused_residual_matmul(self, x: mx.array, residual: mx.array) -> mx.array | None:
+        """``residual + (R x) @ W_rot.T`` by one kernel launch (a decoder block's residual
+        folded into its projection, decode_block.py), or ``None``: no such kernel applies,
+        the layer has a bias or a QJL residual, or the dtypes are not the compute dtype."""
+        if self.use_qjl or "bias" in self:
+            return None
+        dtype = compute_dtype(x)
+        if x.dtype != dtype or residual.dtype != dtype:
+            return None
+        state = self.__dict__
+        plans = state.get("_residual_plans")
+        if plans is None:
+            plans = state["_residual_plans"] = PlanCache((self,), "rotating_matmul_residual_plan")
+        out = plans.run(x, residual)
+        return None if out is None else out[0]
+
     def dense_product(self, x: mx.array, dtype) -> mx.array:
         """``W^ x`` in ``dtype`` for a 2-D weight, without any bias: a kernel that rotates x
         itself, else a kernel on the rotated input, else the reference (dequantize, then

@@ -11,7 +11,13 @@ from .matvec import (
     rotating_matvec,
     rotating_matvec_plan,
 )
-from .ops import rotating_matmul_plan, rotating_weight_matmul, weight_gather_matmul, weight_matmul
+from .ops import (
+    rotating_matmul_plan,
+    rotating_matmul_residual_plan,
+    rotating_weight_matmul,
+    weight_gather_matmul,
+    weight_matmul,
+)
 from .register import register_all
 from .sources import OPS, kernel_source
 from .stub_kernels import zeros_kernel, zeros_kernel_factory
@@ -34,6 +40,7 @@ __all__ = [
     "packed_kv_attention",
     "register_all",
     "rotating_matmul_plan",
+    "rotating_matmul_residual_plan",
     "rotating_matvec",
     "rotating_matvec_plan",
     "rotating_weight_matmul",

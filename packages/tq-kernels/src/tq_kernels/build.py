@@ -47,13 +47,14 @@ def get_kernel(
     backend: str | None = None,
     rotate: bool = False,
     segments: int = 1,
+    residual: bool = False,
 ):
     """The compiled-on-first-call kernel object of ``op`` for ``backend`` (default: the
     current one). Raises RuntimeError where no GPU backend is available."""
     backend = backend or kernel_backend()
     if backend is None:
         raise RuntimeError("tq-kernels: no GPU backend (Metal or CUDA) is available")
-    src = kernel_source(op, backend, qjl, rotate, segments)
+    src = kernel_source(op, backend, qjl, rotate, segments, residual)
     return make_kernel(
         backend, src.name, src.header, src.body, src.input_names, src.output_names, True
     )

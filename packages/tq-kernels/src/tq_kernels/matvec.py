@@ -70,11 +70,14 @@ def rotated_elements(dtype, k: int, rows: int, cfg: LaunchConfig, backend: str |
 
 
 @cache
-def _matvec_plan(dtype, ns: tuple, k, rows, bits, gs, qjl: bool, cfg, span: int = 0, lead=None):
+def _matvec_plan(
+    dtype, ns: tuple, k, rows, bits, gs, qjl: bool, cfg, span: int = 0, lead=None, res=False
+):
     """Everything of a matvec launch but its inputs, built once per shape: decode calls the
     same few shapes every token, so this keeps the per-call Python work to one lookup.
     ``ns``: the output rows of each weight (several: siblings in one launch). ``span`` > 0:
-    the kernel rotates the activation itself, in blocks of ``span``."""
+    the kernel rotates the activation itself, in blocks of ``span``. ``res``: the kernel adds
+    a last input of the output's shape (a residual)."""
     xsh = rotated_elements(dtype, k, rows, cfg or LaunchConfig(), kernel_backend()) if span else 0
     cfg = cfg or launch_config(sum(ns), k, rows, rotated_shared=xsh > 0)
     template = [("T", dtype), ("BITS", bits), ("GS", gs), ("M", row_bucket(rows))]
@@ -83,7 +86,7 @@ def _matvec_plan(dtype, ns: tuple, k, rows, bits, gs, qjl: bool, cfg, span: int 
         template.append(("XSH", xsh))
     groups = sum(-(-n // cfg.rows_per_group) for n in ns)
     return (
-        get_kernel("matvec", qjl, rotate=span > 0, segments=len(ns)),
+        get_kernel("matvec", qjl, rotate=span > 0, segments=len(ns), residual=res),
         _codebook(bits),
         {
             "template": template,
@@ -120,7 +123,7 @@ def matvec(
     return kernel(inputs=inputs, **launch)[0]
 
 
-def _rotating_plan(x, codes: Sequence[QuantizedWeight], span: int, config):
+def _rotating_plan(x, codes: Sequence[QuantizedWeight], span: int, config, res: bool = False):
     *lead, k = x.shape
     rows = math.prod(lead)
     if span not in ROTATE_SPANS or rows > ROTATE_MAX_ROWS:
@@ -129,7 +132,7 @@ def _rotating_plan(x, codes: Sequence[QuantizedWeight], span: int, config):
         raise ValueError(f"rotating_matvec: 1 to {MAX_SEGMENTS} weights, got {len(codes)}")
     ns = tuple(c.scales.shape[0] for c in codes)
     bits, gs = codes[0].bits, codes[0].group_size
-    return _matvec_plan(x.dtype, ns, k, rows, bits, gs, False, config, span, tuple(lead))
+    return _matvec_plan(x.dtype, ns, k, rows, bits, gs, False, config, span, tuple(lead), res)
 
 
 def _flat_weights(codes: Sequence[QuantizedWeight]) -> list[mx.array]:
@@ -151,17 +154,23 @@ def rotating_matvec(
     sign_bits: mx.array,
     span: int,
     config: LaunchConfig | None = None,
+    residual: mx.array | None = None,
 ) -> mx.array | list[mx.array]:
     """``(R x) @ W.T`` for ``x (..., K)`` of at most 2 rows, not yet rotated: the kernel
     applies the signs (``sign_bits``: uint32, bit j of word b set where sign b*32+j is -1)
     and the Hadamard blocks of ``span`` (32, 64 or 128) in registers, so no rotated copy of
     x is made. Returns (..., N): the kernel reads the rows off x's shape, so no reshapes.
     With a sequence of up to 3 weights of the same K, bits and group size (siblings), one
-    launch returns the list of their products."""
+    launch returns the list of their products. ``residual`` (one weight; the output's shape
+    and x's dtype) is added to the product in the kernel."""
     several = not isinstance(codes, QuantizedWeight)
     seq = tuple(codes) if several else (codes,)
-    kernel, codebook, launch = _rotating_plan(x, seq, span, config)
+    if residual is not None and len(seq) != 1:
+        raise ValueError(f"rotating_matvec: a residual takes one weight, got {len(seq)}")
+    kernel, codebook, launch = _rotating_plan(x, seq, span, config, residual is not None)
     inputs = _rotating_inputs(x, codebook, sign_bits, _flat_weights(seq))
+    if residual is not None:
+        inputs.append(residual)
     outs = kernel(inputs=inputs, **launch)
     return list(outs) if several else outs[0]
 
@@ -172,37 +181,63 @@ _verified: set[tuple] = set()
 
 
 @cache
-def _compiled_launch(dtype, ns: tuple, k: int, rows: int, bits: int, gs: int, span: int, lead):
+def _compiled_launch(
+    dtype, ns: tuple, k: int, rows: int, bits: int, gs: int, span: int, lead, res: bool = False
+):
     """``mx.compile`` of one rotating launch: replaying the recorded kernel call skips MLX's
-    per-call source assembly and our argument building (docs/kernels.md, host cost)."""
-    kernel, codebook, launch = _matvec_plan(dtype, ns, k, rows, bits, gs, False, None, span, lead)
+    per-call source assembly and our argument building (docs/kernels.md, host cost). With
+    ``res`` the call is ``run(x, residual, sign_bits, w, scales)``."""
+    kernel, codebook, launch = _matvec_plan(
+        dtype, ns, k, rows, bits, gs, False, None, span, lead, res
+    )
 
     def run(x, sign_bits, *weights):
         return kernel(inputs=_rotating_inputs(x, codebook, sign_bits, weights), **launch)
 
-    return mx.compile(run)
+    def run_residual(x, residual, sign_bits, *weights):
+        inputs = _rotating_inputs(x, codebook, sign_bits, weights) + [residual]
+        return kernel(inputs=inputs, **launch)
+
+    return mx.compile(run_residual if res else run)
 
 
 def rotating_matvec_plan(
-    x: mx.array, codes: Sequence[QuantizedWeight], sign_bits: mx.array, span: int
-) -> Callable[[mx.array], list[mx.array]]:
+    x: mx.array,
+    codes: Sequence[QuantizedWeight],
+    sign_bits: mx.array,
+    span: int,
+    residual: bool = False,
+) -> Callable[..., list[mx.array]]:
     """A callable ``plan(x2) -> [(R x2) @ W_i.T]`` for any ``x2`` of x's shape and dtype,
     with the weights and signs bound and the launch compiled (one kernel launch per call).
-    Its first launch for a new kernel configuration is evaluated here, so a compile error
-    raises now rather than at some later ``mx.eval``."""
+    With ``residual`` (one weight): ``plan(x2, r) -> [r + (R x2) @ W.T]``, ``r`` of the
+    output's shape and x's dtype. Its first launch for a new kernel configuration is
+    evaluated here, so a compile error raises now rather than at some later ``mx.eval``."""
     seq = tuple(codes)
     _rotating_plan(x, seq, span, None)  # validates rows, span and the number of weights
+    if residual and len(seq) != 1:
+        raise ValueError(f"rotating_matvec_plan: a residual takes one weight, got {len(seq)}")
     *lead, k = x.shape
     ns = tuple(c.scales.shape[0] for c in seq)
     key = (x.dtype, ns, k, math.prod(lead), seq[0].bits, seq[0].group_size, span, tuple(lead))
+    key += (residual,)
     fn = _compiled_launch(*key)
     weights = _flat_weights(seq)
 
-    def plan(x2: mx.array) -> list[mx.array]:
-        return fn(x2, sign_bits, *weights)
+    if residual:
 
+        def plan(x2: mx.array, r: mx.array) -> list[mx.array]:
+            return fn(x2, r, sign_bits, *weights)
+
+        probe = (x, mx.zeros((*lead, ns[0]), x.dtype))
+    else:
+
+        def plan(x2: mx.array) -> list[mx.array]:
+            return fn(x2, sign_bits, *weights)
+
+        probe = (x,)
     if key not in _verified:
-        mx.eval(plan(x))
+        mx.eval(plan(*probe))
         _verified.add(key)
     return plan
 

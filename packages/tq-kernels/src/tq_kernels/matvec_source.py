@@ -83,13 +83,15 @@ TQ_INLINE void tq_rotate_block(TQ_THREAD float (&xr)[M][32], XP x, WP rsigns,
 // With ROT and XSH > 0 the threadgroup rotates x once into x_sh (XSH >= M * K values of T)
 // before its warps multiply, instead of every warp rotating every block it reads: NWARPS
 // times less rotation work, and R x rounded to T as the unfused path rounds it.
+// With RES the output is res + x W^T (res laid out as out): a decoder block's residual add
+// folded into its o/down projection, one launch fewer; the sum is rounded to T once.
 template <typename T, int BITS, int GS, int M, int RPW, int KSPLIT, int NWARPS, bool QJL,
-          bool ROT, int SPAN, int XSH, typename XP, typename WP, typename SP, typename CP,
-          typename OP, typename SH, typename SX>
+          bool ROT, int SPAN, int XSH, bool RES, typename XP, typename WP, typename SP,
+          typename CP, typename OP, typename SH, typename SX>
 TQ_INLINE void tq_qmv(XP x, XP xs, WP w, SP scales, WP qsigns, SP qscales, CP codebook,
                       WP rsigns, OP out, const int rows, const int N, const int K,
                       const int out_stride, const int cta, const tq_uint tid, SH cb_sh,
-                      SH red_sh, SX x_sh) {
+                      SH red_sh, SX x_sh, XP res) {
   const int lane = (int)(tid & 31u);
   const int warp = (int)(tid >> 5);
   const int rg = warp / KSPLIT;
@@ -251,8 +253,10 @@ TQ_INLINE void tq_qmv(XP x, XP xs, WP w, SP scales, WP qsigns, SP qscales, CP co
       for (int m = 0; m < M; ++m)
 #pragma unroll
         for (int i = 0; i < RPW; ++i)
-          if (row0 + i < N && m < rows)
-            out[(size_t)m * out_stride + row0 + i] = tq_cast<T>(acc[m][i]);
+          if (row0 + i < N && m < rows) {
+            const size_t o = (size_t)m * out_stride + row0 + i;
+            out[o] = tq_cast<T>(RES ? acc[m][i] + tq_float(res[o]) : acc[m][i]);
+          }
     }
   } else {
     // Warps that split one row group's input meet in threadgroup memory.
@@ -271,7 +275,10 @@ TQ_INLINE void tq_qmv(XP x, XP xs, WP w, SP scales, WP qsigns, SP qscales, CP co
       float s = 0.0f;
       for (int k = 0; k < KSPLIT; ++k) s += red_sh[((grp * KSPLIT + k) * M + m) * RPW + i];
       const int row = (cta * (NWARPS / KSPLIT) + grp) * RPW + i;
-      if (row < N && m < rows) out[(size_t)m * out_stride + row] = tq_cast<T>(s);
+      if (row < N && m < rows) {
+        const size_t o = (size_t)m * out_stride + row;
+        out[o] = tq_cast<T>(RES ? s + tq_float(res[o]) : s);
+      }
     }
   }
 }
@@ -285,10 +292,10 @@ MATVEC_BODY = r"""
   // x is (..., K): its leading dimensions are the rows, so callers need not reshape.
   int tq_rows = 1;
   for (int d = 0; d + 1 < x_ndim; ++d) tq_rows *= x_shape[d];
-  tq_qmv<T, BITS, GS, M, RPW, KSPLIT, NWARPS, QJL, ROT, SPAN, {xsh}>(
+  tq_qmv<T, BITS, GS, M, RPW, KSPLIT, NWARPS, QJL, ROT, SPAN, {xsh}, {res_on}>(
       x, {xs}, w, scales, {qsigns}, {qscales}, codebook, {rsigns}, out,
       tq_rows, scales_shape[0], x_shape[x_ndim - 1], scales_shape[0], tq_bx, tq_tid,
-      tq_cb, tq_red, {x_sh});
+      tq_cb, tq_red, {x_sh}, {res});
 """
 
 # Sibling weights that read the same activation (q/k/v, gate/up) in one launch: segment s
@@ -301,10 +308,10 @@ _SEGMENTS_HEAD = r"""
   int tq_cta = tq_bx;
 """
 
-_SEGMENT_CALL = r"""tq_qmv<T, BITS, GS, M, RPW, KSPLIT, NWARPS, false, ROT, SPAN, {xsh}>(
+_SEGMENT_CALL = r"""tq_qmv<T, BITS, GS, M, RPW, KSPLIT, NWARPS, false, ROT, SPAN, {xsh}, false>(
       x, x, w{s}, scales{s}, w{s}, scales{s}, codebook, {rsigns}, out{s},
       tq_rows, scales{s}_shape[0], tq_k, scales{s}_shape[0], tq_cta, tq_tid, tq_cb, tq_red,
-      {x_sh});"""
+      {x_sh}, x);"""
 
 
 def segments_body(segments: int, rsigns: str, rotated: dict) -> str:
@@ -334,9 +341,9 @@ GATHER_BODY = r"""
   const size_t wpe = (size_t)N * ((K >> 5) * BITS);
   const size_t spe = (size_t)N * (K / GS);
   const size_t xo = (size_t)tq_by * R * K;
-  tq_qmv<T, BITS, GS, M, RPW, KSPLIT, NWARPS, QJL, false, 32, 0>(
+  tq_qmv<T, BITS, GS, M, RPW, KSPLIT, NWARPS, QJL, false, 32, 0, false>(
       x + xo, {xs}, w + e * wpe, scales + e * spe, {qsigns}, {qscales}, codebook, w,
-      out + (size_t)tq_by * R * N, R, N, K, N, tq_bx, tq_tid, tq_cb, tq_red, tq_cb);
+      out + (size_t)tq_by * R * N, R, N, K, N, tq_bx, tq_tid, tq_cb, tq_red, tq_cb, x);
 """
 
 

@@ -115,13 +115,16 @@ _sign_bits = _SignBits()
 
 
 def rotating_matmul_plan(
-    x: mx.array, codes: Sequence[QuantizedWeight], rotation
-) -> Callable[[mx.array], list[mx.array]] | None:
+    x: mx.array, codes: Sequence[QuantizedWeight], rotation, residual: bool = False
+) -> Callable[..., list[mx.array]] | None:
     """A plan computing ``[rotate(x, rotation) @ W_i.T for each codes]`` in one launch, the
     kernel rotating the activation itself (decode: at most 2 rows, a power-of-two rotation
     block of 32 to 128, 1 to 3 weights of one input size, bits and group size), or ``None``.
-    The plan serves every later input of x's shape and dtype (tq_core.decode_plan)."""
+    The plan serves every later input of x's shape and dtype (tq_core.decode_plan). With
+    ``residual`` (one weight) the plan is ``plan(x2, r) -> [r + rotate(x2) @ W.T]``."""
     if rotation.block not in ROTATE_SPANS or not 1 <= len(codes) <= MAX_SEGMENTS:
+        return None
+    if residual and len(codes) != 1:
         return None
     first = codes[0]
     for c in codes:
@@ -131,7 +134,14 @@ def rotating_matmul_plan(
             return None
     if x.size > ROTATE_MAX_ROWS * rotation.dim or not _applies(x, first, None, None):
         return None
-    return rotating_matvec_plan(x, codes, _sign_bits.get(rotation.signs), rotation.block)
+    sign_bits = _sign_bits.get(rotation.signs)
+    return rotating_matvec_plan(x, codes, sign_bits, rotation.block, residual)
+
+
+def rotating_matmul_residual_plan(x: mx.array, codes: Sequence[QuantizedWeight], rotation):
+    """:func:`rotating_matmul_plan` of one weight with a residual added in the kernel:
+    ``plan(x2, r) -> [r + rotate(x2) @ W.T]``, or ``None``."""
+    return rotating_matmul_plan(x, codes, rotation, residual=True)
 
 
 def rotating_weight_matmul(x: mx.array, codes: QuantizedWeight, rotation) -> mx.array | None:

@@ -77,13 +77,20 @@ MAX_SEGMENTS = 3
 
 
 def kernel_source(
-    op: str, backend: str, qjl: bool = False, rotate: bool = False, segments: int = 1
+    op: str,
+    backend: str,
+    qjl: bool = False,
+    rotate: bool = False,
+    segments: int = 1,
+    residual: bool = False,
 ) -> KernelSource:
     """The source of ``op`` for ``backend`` ("cuda" or "metal"), with or without QJL; with
     ``rotate`` (matvec without QJL only) the kernel takes the unrotated activation and the
     rotation's packed sign bits ``rsigns``, and rotates in registers (template ROT, SPAN).
     ``segments`` > 1 (matvec without QJL): one launch multiplies the same activation by
-    that many weights (inputs ``w, scales, w1, scales1, ...``; outputs ``out, out1, ...``)."""
+    that many weights (inputs ``w, scales, w1, scales1, ...``; outputs ``out, out1, ...``).
+    ``residual`` (matvec of one weight without QJL): a last input ``res`` of the output's
+    shape is added to the product (a decoder block's residual, folded in)."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; known ops: {', '.join(OPS)}")
     if rotate and (op != "matvec" or qjl):
@@ -92,10 +99,13 @@ def kernel_source(
         raise ValueError(
             f"segments={segments}: the matvec without QJL takes 1 to {MAX_SEGMENTS} weights"
         )
+    if residual and (op != "matvec" or qjl or segments > 1):
+        raise ValueError("residual=True is for the matvec op of one weight without QJL")
     header = prelude(backend)
     ids = thread_ids(backend)
     tag = ("_qjl" if qjl else "") + ("_rot" if rotate else "")
     tag += f"_seg{segments}" if segments > 1 else ""
+    tag += "_res" if residual else ""
     if op == "dequantize":
         return KernelSource(
             f"tq_dequant_{backend}",
@@ -129,7 +139,12 @@ def kernel_source(
             names += [f"w{i}", f"scales{i}"]
             outputs += [f"out{i}"]
     else:
-        body = GATHER_BODY.format(**fill) if gather else MATVEC_BODY.format(**fill, **rotated)
+        res = {"res": "res", "res_on": "true"} if residual else {"res": "x", "res_on": "false"}
+        body = (
+            GATHER_BODY.format(**fill) if gather else MATVEC_BODY.format(**fill, **rotated, **res)
+        )
+        if residual:
+            names += ["res"]
     return KernelSource(
         f"tq_{op}{tag}_{backend}",
         header + MATVEC_IMPL,
