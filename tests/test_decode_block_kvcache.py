@@ -23,19 +23,14 @@ _spec.loader.exec_module(helpers)
 
 
 @pytest.fixture
-def fake(monkeypatch):
-    """tq-core's fake plan kernel, on the CPU whatever the machine (on a GPU, tq-kernels'
-    own kernels would take the ops the fake does not)."""
-    kernel = helpers.FakePlans()
-    dispatch._load_providers()
-    dispatch.register_kernel("rotating_matmul_plan", kernel)
-    dispatch.register_kernel("rotating_matmul_residual_plan", kernel.residual)
+def fake():
+    """tq-core's fake plan kernels, on the CPU whatever the machine (on a GPU, tq-kernels'
+    own kernels would take the ops the fake does not; they are registered again after)."""
     device = mx.default_device()
     mx.set_default_device(mx.cpu)
-    yield kernel
+    with helpers.fake_kernels() as kernel:
+        yield kernel
     mx.set_default_device(device)
-    for op in dispatch.OPS:
-        dispatch.unregister_kernel(op)
 
 
 def _model(dtype=mx.float32):

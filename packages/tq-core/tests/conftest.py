@@ -2,6 +2,8 @@
 ``rotating_matmul_plan`` and ``rotating_matmul_residual_plan`` kernels (mlx ops on the CPU,
 counting builds and launches) and a tiny quantized llama."""
 
+from contextlib import contextmanager
+
 import mlx.core as mx
 import pytest
 from tq_core import QuantRecipe, dispatch, quantize_model
@@ -73,16 +75,31 @@ class FakePlans:
         return lambda x2, r: [r + inner(x2)[0]]
 
 
-@pytest.fixture
-def fake():
+@contextmanager
+def fake_kernels():
+    """A :class:`FakePlans` registered for both plan ops; the kernels registered before (an
+    installed tq-kernels' own, on a GPU machine) are registered again afterwards, so later
+    tests in the process still get them."""
     kernel = FakePlans()
     dispatch._load_providers()  # an installed tq-kernels must not replace the fake later
+    before = {op: dispatch._kernels.get(op) for op in dispatch.OPS}
     dispatch.register_kernel("rotating_matmul_plan", kernel)
     dispatch.register_kernel("rotating_matmul_residual_plan", kernel.residual)
-    yield kernel
-    for op in dispatch.OPS:
-        dispatch.unregister_kernel(op)
-    dispatch._failed.clear()
+    try:
+        yield kernel
+    finally:
+        for op, fn in before.items():
+            if fn is None:
+                dispatch.unregister_kernel(op)
+            else:
+                dispatch.register_kernel(op, fn)
+        dispatch._failed.clear()
+
+
+@pytest.fixture
+def fake():
+    with fake_kernels() as kernel:
+        yield kernel
 
 
 def _tiny_llama():
