@@ -467,3 +467,44 @@ def test_replayed_decode_blocks_match_reference_path(monkeypatch):
     for g, w in zip(got, want):
         assert rel_err(g, w.astype(mx.float32)) < 1e-2
     assert not dispatch._failed
+
+
+def test_replayed_moe_blocks_match_reference_path(monkeypatch):
+    """GPT-OSS MoE blocks of TurboQuant experts replaying their compiled decode trace
+    (tq_core's decode_moe: router, top-k, the gather kernels, weighting) against the
+    reference path, whole-model decode steps over mlx-lm's caches."""
+    import tq_core.decode_moe as decode_moe
+    from mlx_lm.models import gpt_oss
+    from mlx_lm.models.cache import make_prompt_cache
+    from tq_core import QuantRecipe, quantize_model
+
+    monkeypatch.setattr(decode_moe, "REPLAY", True)
+    register_all()
+    args = gpt_oss.ModelArgs(
+        num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=4, vocab_size=300,
+        hidden_size=512, intermediate_size=512, head_dim=64, num_attention_heads=8,
+        num_key_value_heads=2, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+    )  # fmt: skip
+    mx.random.seed(4)
+    model = gpt_oss.Model(args)
+    quantize_model(model, QuantRecipe(bits=3, group_size=64))
+    model.set_dtype(mx.float16)
+
+    def run():
+        cache = make_prompt_cache(model)
+        out = [model(mx.array([[5, 17, 42, 7, 99, 3]]), cache=cache)[:, -1]]
+        for t in range(8):
+            out.append(model(mx.array([[t + 10]]), cache=cache)[:, -1])
+            mx.eval(out[-1])
+        return out
+
+    with dispatch.reference_only():
+        want = run()
+    got = run()
+    for layer in model.model.layers:
+        entries = layer.mlp.__dict__["_tq_moe_replay"]
+        assert entries[((1, 1, 512), mx.float16)][0] == "replay"
+    for g, w in zip(got, want):
+        assert rel_err(g, w.astype(mx.float32)) < 2e-2
+    assert not dispatch._failed

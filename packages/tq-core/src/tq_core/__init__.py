@@ -5,6 +5,7 @@ from .checkpoint import CheckpointError, load_weights, read_quantization, save_c
 from .codebook import CODEBOOK_BITS, Codebook, gaussian_codebook, sphere_codebook
 from .decode_block import compile_decode_blocks
 from .decode_mlp import compile_decode_mlps
+from .decode_moe import compile_decode_moe
 from .embedding import TurboQuantEmbedding
 from .hadamard import (
     hadamard,
@@ -71,6 +72,7 @@ __all__ = [
     "group_siblings",
     "compile_decode_mlps",
     "compile_decode_blocks",
+    "compile_decode_moe",
     "layer_kind",
     "load_weights",
     "plan_layers",

@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import os
 import sys
-from operator import is_
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from . import dispatch
 from .decode_mlp import _plan
+from .held_arrays import held, still_held
 from .linear import TurboQuantLinear
 from .weight_layer import compute_dtype
 
@@ -97,18 +97,6 @@ def _takes(block, cls: type) -> bool:
         ):
             return False
     return True
-
-
-def _held(module, out: list) -> list:
-    """``(container, key, value)`` for every module, array and container under ``module``:
-    what a trace recorded, checked by identity (``container[key] is value``)."""
-    items = module.items() if isinstance(module, dict) else enumerate(module)
-    for key, value in items:
-        if isinstance(value, (mx.array, nn.Module, dict, list)):
-            out.append((module, key, value))
-            if not isinstance(value, mx.array):
-                _held(value, out)
-    return out
 
 
 def _pre(block, x: mx.array, offset: mx.array):
@@ -204,11 +192,6 @@ class _ReplayedBlock:
         return tail(output, x)
 
 
-def _still_held(held: tuple) -> bool:
-    places, values = held
-    return all(map(is_, [c[k] for c, k in places], values))
-
-
 def _replay(block, x: mx.array, cache):
     """``(pre, tail)`` for this call, or ``None`` (the plain call runs)."""
     if (
@@ -227,8 +210,8 @@ def _replay(block, x: mx.array, cache):
         if kind == "plain":
             return None
         if kind == "replay":
-            held, fns = traced
-            if _still_held(held):
+            snapshot, fns = traced
+            if still_held(snapshot):
                 return fns
         elif not _takes(block, type(block).__mro__[2]):  # a projection replaced since?
             state.entries[key] = ("plain", now, None)
@@ -243,9 +226,7 @@ def _replay(block, x: mx.array, cache):
                     mx.compile(lambda x, offset: _pre(block, x, offset)),
                     mx.compile(lambda output, x: _tail(block, output, x)),
                 )
-                found = _held(block, [])
-                held = (tuple((c, k) for c, k, _ in found), tuple(v for _, _, v in found))
-                state.entries[key] = ("replay", now, (held, fns))
+                state.entries[key] = ("replay", now, (held(block), fns))
                 return fns
             if "none" in plans:  # a projection runs without a fused plan: stay plain
                 state.entries[key] = ("plain", now, None)

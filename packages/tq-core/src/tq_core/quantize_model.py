@@ -10,6 +10,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .decode_block import compile_decode_blocks
 from .decode_mlp import compile_decode_mlps
+from .decode_moe import compile_decode_moe
 from .embedding import TurboQuantEmbedding
 from .linear import TurboQuantLinear
 from .recipe import QuantRecipe, is_kept, layer_kind
@@ -118,10 +119,11 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, on_layer=None) -> dict
     """Quantize ``model`` in place with ``recipe``; returns the per-layer plan. Sibling
     projections are grouped to share decode launches (siblings.py), dense MLPs replay
     their decode calls from a trace (decode_mlp.py), and so do llama-style decoder blocks
-    around their KV cache (decode_block.py)."""
+    around their KV cache (decode_block.py) and MoE blocks on a GPU (decode_moe.py)."""
     plan = plan_layers(model, recipe)
     apply_plan(model, plan, recipe.scale_method, on_layer)
     group_siblings(model)
     compile_decode_mlps(model)
     compile_decode_blocks(model)
+    compile_decode_moe(model)
     return plan

@@ -14,6 +14,7 @@ from mlx_lm.utils import _get_classes, load_tokenizer
 from ..checkpoint import CheckpointError, load_weights, read_quantization
 from ..decode_block import compile_decode_blocks
 from ..decode_mlp import compile_decode_mlps
+from ..decode_moe import compile_decode_moe
 from ..quantize_model import apply_plan
 from ..siblings import group_siblings
 
@@ -79,6 +80,7 @@ def load(
     group_siblings(model)
     compile_decode_mlps(model)
     compile_decode_blocks(model)
+    compile_decode_moe(model)
     if not tokenizer:
         return model, None
     tok = load_tokenizer(path, eos_token_ids=model_config.get("eos_token_id"))
