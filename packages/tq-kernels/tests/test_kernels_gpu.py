@@ -471,8 +471,10 @@ def test_replayed_decode_blocks_match_reference_path(monkeypatch):
 
 def test_replayed_moe_blocks_match_reference_path(monkeypatch):
     """GPT-OSS MoE blocks of TurboQuant experts replaying their compiled decode trace
-    (tq_core's decode_moe: router, top-k, the gather kernels, weighting) against the
-    reference path, whole-model decode steps over mlx-lm's caches."""
+    (tq_core's decode_moe: router, top-k, the gather kernels, weighting) against the same
+    kernels called plainly, whole-model decode steps over mlx-lm's caches (against the
+    reference path a near-tie in the router could pick other experts; the gather kernel
+    itself is checked against the reference above)."""
     import tq_core.decode_moe as decode_moe
     from mlx_lm.models import gpt_oss
     from mlx_lm.models.cache import make_prompt_cache
@@ -499,12 +501,13 @@ def test_replayed_moe_blocks_match_reference_path(monkeypatch):
             mx.eval(out[-1])
         return out
 
-    with dispatch.reference_only():
-        want = run()
+    monkeypatch.setattr(decode_moe, "REPLAY", False)
+    want = run()
+    monkeypatch.setattr(decode_moe, "REPLAY", True)
     got = run()
     for layer in model.model.layers:
         entries = layer.mlp.__dict__["_tq_moe_replay"]
         assert entries[((1, 1, 512), mx.float16)][0] == "replay"
     for g, w in zip(got, want):
-        assert rel_err(g, w.astype(mx.float32)) < 2e-2
+        assert rel_err(g, w.astype(mx.float32)) < 1e-2
     assert not dispatch._failed
