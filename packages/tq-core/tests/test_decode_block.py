@@ -9,7 +9,8 @@ import mlx.nn as nn
 import pytest
 import tq_core.decode_block as decode_block
 import tq_core.decode_mlp as decode_mlp
-from mlx_lm.models import llama, qwen2, qwen3
+from mlx.utils import tree_map
+from mlx_lm.models import gpt_oss, llama, qwen2, qwen3
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 from tq_core import QuantRecipe, compile_decode_blocks, dispatch, quantize_model
 
@@ -133,6 +134,45 @@ def test_other_llama_style_blocks_match(fake, monkeypatch, module, extra, assert
     want = _plainly(model, KVCache, monkeypatch, prompt=tuple(range(1, 30)))
     got = _decode(model, KVCache, prompt=tuple(range(1, 30)))
     assert all(k[(1, 1, 128)] == "replay" for k in _kinds(model))
+    for g, w in zip(got, want):
+        assert_close(g, w)
+
+
+def test_gpt_oss_blocks_with_sinks_windows_and_moe_match(fake, monkeypatch, assert_close):
+    """GPT-OSS: biased projections, YaRN RoPE, attention sinks, alternating sliding-window
+    (rotating) and full caches, and a MoE block called as it is inside the tail."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    args = gpt_oss.ModelArgs(
+        num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=64,
+        hidden_size=128, intermediate_size=128, head_dim=32, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                      "original_max_position_embeddings": 4096, "truncate": False},
+    )  # fmt: skip
+    mx.random.seed(0)
+    model = gpt_oss.Model(args)
+    model.update(tree_map(lambda p: 0.05 * mx.random.normal(p.shape), model.parameters()))
+    quantize_model(model, QuantRecipe(bits=4, group_size=64))
+    mx.eval(model.parameters())
+    blocks = model.model.layers
+    assert all(isinstance(b, decode_block._ReplayedBlock) for b in blocks)
+
+    def run():
+        cache = make_prompt_cache(model)
+        out = [model(mx.array([[1, 2, 3, 4, 5]]), cache=cache)[:, -1]]
+        for t in range(12):  # past the window of 8
+            out.append(model(mx.array([[t + 6]]), cache=cache)[:, -1])
+            mx.eval(out[-1])
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(decode_block, "REPLAY", False)
+        want = run()
+    got = run()
+    kinds = [{k[0]: e[0] for k, e in b.__dict__["_tq_replay"].entries.items()} for b in blocks]
+    assert all(k[(1, 1, 128)] == "replay" for k in kinds)
     for g, w in zip(got, want):
         assert_close(g, w)
 

@@ -469,9 +469,10 @@ def test_replayed_decode_blocks_match_reference_path(monkeypatch):
     assert not dispatch._failed
 
 
-def test_replayed_moe_blocks_match_reference_path(monkeypatch):
-    """GPT-OSS MoE blocks of TurboQuant experts replaying their compiled decode trace
-    (tq_core's decode_moe: router, top-k, the gather kernels, weighting) against the same
+def test_replayed_gpt_oss_blocks_match_the_plain_kernels(monkeypatch):
+    """GPT-OSS decoder blocks (tq_core's decode_block: sinks, windows) and their MoE blocks
+    of TurboQuant experts (decode_moe: router, top-k, the gather kernels, weighting)
+    replaying their compiled decode traces, against the same
     kernels called plainly, whole-model decode steps over mlx-lm's caches (against the
     reference path a near-tie in the router could pick other experts; the gather kernel
     itself is checked against the reference above)."""
@@ -501,11 +502,17 @@ def test_replayed_moe_blocks_match_reference_path(monkeypatch):
             mx.eval(out[-1])
         return out
 
-    monkeypatch.setattr(decode_moe, "REPLAY", False)
+    import tq_core.decode_block as decode_block
+
+    for module in (decode_moe, decode_block):  # GPT-OSS blocks replay around their caches too
+        monkeypatch.setattr(module, "REPLAY", False)
     want = run()
-    monkeypatch.setattr(decode_moe, "REPLAY", True)
+    for module in (decode_moe, decode_block):
+        monkeypatch.setattr(module, "REPLAY", True)
     got = run()
     for layer in model.model.layers:
+        block_entry = layer.__dict__["_tq_replay"].entries[((1, 1, 512), mx.float16)]
+        assert block_entry[0] == "replay"
         entries = layer.mlp.__dict__["_tq_moe_replay"]
         assert entries[((1, 1, 512), mx.float16)][0] == "replay"
     for g, w in zip(got, want):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -52,19 +53,42 @@ REPLAY = os.environ.get("TQ_COMPILE_BLOCK", "1") != "0"
 #: tq-kernels provides ``rotating_matmul_residual_plan`` (``TQ_FUSE_RESIDUAL=0``: they add
 #: as mlx-lm does).
 RESIDUAL = os.environ.get("TQ_FUSE_RESIDUAL", "1") != "0"
-#: mlx-lm model modules whose ``TransformerBlock`` and ``Attention`` are the llama ones this
-#: module reproduces the order of (checked against the plain call by the tests), and whether
-#: their attention normalizes each query and key head before RoPE (Qwen3's q_norm/k_norm).
+
+
+class _Style(NamedTuple):
+    """How one mlx-lm model module writes its block (its code read; the tests check each
+    against the plain call)."""
+
+    attention: str  # the attention class's name
+    mlp: str  # the MLP class's name
+    qk_norm: bool = False  # Qwen3: per-head RMS norms of queries and keys before RoPE
+    moe: bool = False  # GPT-OSS: the MLP is a MoE block (called as it is, decode_moe.py)
+    scale: str = "scale"  # the attention's softmax scale attribute
+    sinks: bool = False  # GPT-OSS: attention sinks passed to the SDPA
+
+
+#: mlx-lm model modules whose ``TransformerBlock`` this module reproduces op for op.
 BLOCK_MODULES = {
-    "mlx_lm.models.llama": False,
-    "mlx_lm.models.qwen2": False,
-    "mlx_lm.models.qwen3": True,
+    "mlx_lm.models.llama": _Style("Attention", "MLP"),
+    "mlx_lm.models.qwen2": _Style("Attention", "MLP"),
+    "mlx_lm.models.qwen3": _Style("Attention", "MLP", qk_norm=True),
+    "mlx_lm.models.gpt_oss": _Style(
+        "AttentionBlock", "MLPBlock", moe=True, scale="sm_scale", sinks=True
+    ),
 }
-_ROPES = (("mlx.nn.layers.positional_encoding", "RoPE"), ("mlx_lm.models.rope_utils", "Llama3RoPE"))
-_PROJECTIONS = (
-    ("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
-    ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"),
-)  # fmt: skip
+_ROPES = (
+    ("mlx.nn.layers.positional_encoding", "RoPE"),
+    ("mlx_lm.models.rope_utils", "Llama3RoPE"),
+    ("mlx_lm.models.rope_utils", "YarnRoPE"),
+)
+_ATTENTION = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
+              ("self_attn", "o_proj"))  # fmt: skip
+_MLP = (("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+
+
+def _projections(style: _Style) -> tuple:
+    """The dense TurboQuant projections a block of ``style`` must have (MoE experts are not)."""
+    return _ATTENTION if style.moe else _ATTENTION + _MLP
 
 
 def _named(cls: type) -> tuple[str, str]:
@@ -72,23 +96,24 @@ def _named(cls: type) -> tuple[str, str]:
 
 
 def _takes(block, cls: type) -> bool:
-    """Whether ``block``, made by mlx-lm as a ``cls``, is a llama-style block of TurboQuant
-    projections (module docstring)."""
-    if _named(cls) not in {(m, "TransformerBlock") for m in BLOCK_MODULES}:
+    """Whether ``block``, made by mlx-lm as a ``cls``, is a block of TurboQuant projections
+    this module reproduces (module docstring)."""
+    style = BLOCK_MODULES.get(cls.__module__)
+    if style is None or cls.__name__ != "TransformerBlock":
         return False
     attn, mlp = block.get("self_attn"), block.get("mlp")
-    if attn is None or mlp is None or _named(type(attn)) != (cls.__module__, "Attention"):
+    if attn is None or _named(type(attn)) != (cls.__module__, style.attention):
         return False
-    if _named(type(mlp)) != (cls.__module__, "MLP"):  # its call is written out in _tail
+    if mlp is None or _named(type(mlp)) != (cls.__module__, style.mlp):  # written out in _tail
         return False
     if _named(type(attn.get("rope"))) not in _ROPES:
         return False
     norms = [(block, "input_layernorm"), (block, "post_attention_layernorm")]
-    if BLOCK_MODULES[cls.__module__]:
+    if style.qk_norm:
         norms += [(attn, "q_norm"), (attn, "k_norm")]
     if any(type(m.get(name)) is not nn.RMSNorm for m, name in norms):
         return False
-    for parent, name in _PROJECTIONS:
+    for parent, name in _projections(style):
         layer = block[parent].get(name)
         if (
             type(layer) is not TurboQuantLinear
@@ -106,6 +131,11 @@ def _pre(block, x: mx.array, offset: mx.array):
     h = block.input_layernorm(x)
     B, L, _ = h.shape
     queries, keys, values = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+    if "sinks" in attn:  # GPT-OSS: heads of head_dim, however many
+        D = attn.head_dim
+        q, k = queries.reshape(B, L, -1, D).swapaxes(1, 2), keys.reshape(B, L, -1, D).swapaxes(1, 2)
+        v = values.reshape(B, L, -1, D).swapaxes(1, 2)
+        return attn.rope(q, offset=offset), attn.rope(k, offset=offset), v
     queries = queries.reshape(B, L, attn.n_heads, -1)
     keys = keys.reshape(B, L, attn.n_kv_heads, -1)
     if "q_norm" in attn:  # Qwen3: per-head RMS norms before RoPE
@@ -124,7 +154,7 @@ def _tail(block, output: mx.array, x: mx.array) -> mx.array:
     B, _, L, _ = output.shape
     h = _plus_projected(x, attn.o_proj, output.transpose(0, 2, 1, 3).reshape(B, L, -1))
     n = block.post_attention_layernorm(h)
-    if not RESIDUAL:
+    if not RESIDUAL or "sinks" in attn:  # GPT-OSS: a MoE block, called as it is
         return h + mlp(n)
     swiglu = sys.modules[type(mlp).__module__].swiglu
     return _plus_projected(h, mlp.down_proj, swiglu(mlp.gate_proj(n), mlp.up_proj(n)))
@@ -144,7 +174,10 @@ def _build_residual_plans(block, x: mx.array) -> None:
     before tracing: a kernel configuration's first launch is evaluated when its plan is
     built, which a trace cannot do."""
     lead, dtype = x.shape[:-1], x.dtype
-    for layer in (block.self_attn.o_proj, block.mlp.down_proj):
+    layers = [block.self_attn.o_proj]
+    if "down_proj" in block.mlp:
+        layers.append(block.mlp.down_proj)
+    for layer in layers:
         inp = mx.zeros((*lead, layer.input_dims), dtype)
         layer.fused_residual_matmul(inp, mx.zeros((*lead, layer.output_dims), dtype))
 
@@ -188,7 +221,10 @@ class _ReplayedBlock:
         keys, values = cache.update_and_fetch(keys, values)
         attn = self.self_attn
         sdpa = sys.modules[type(attn).__module__].scaled_dot_product_attention
-        output = sdpa(queries, keys, values, cache=cache, scale=attn.scale, mask=mask)
+        if "sinks" in attn:  # GPT-OSS
+            output = sdpa(queries, keys, values, cache, attn.sm_scale, mask=mask, sinks=attn.sinks)
+        else:
+            output = sdpa(queries, keys, values, cache=cache, scale=attn.scale, mask=mask)
         return tail(output, x)
 
 
@@ -218,7 +254,8 @@ def _replay(block, x: mx.array, cache):
             return None
         else:
             lead, dtype = x.shape[:-1], compute_dtype(x)
-            plans = {_plan(block[p][n], lead, dtype) for p, n in _PROJECTIONS}
+            style = BLOCK_MODULES[type(block).__module__]
+            plans = {_plan(block[p][n], lead, dtype) for p, n in _projections(style)}
             if plans == {"valid"}:
                 if RESIDUAL:
                     _build_residual_plans(block, x)
