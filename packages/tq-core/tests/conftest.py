@@ -121,3 +121,28 @@ def _tiny_llama():
 def tiny_llama_model():
     """``tiny_llama_model()``: a 2-layer llama of random weights, quantized to 3 bits."""
     return _tiny_llama
+
+
+def _tiny_gpt_oss(**overrides):
+    from mlx.utils import tree_map
+    from mlx_lm.models import gpt_oss
+
+    kw = dict(
+        num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2, vocab_size=64,
+        hidden_size=128, intermediate_size=128, head_dim=32, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+    )  # fmt: skip
+    mx.random.seed(0)
+    model = gpt_oss.Model(gpt_oss.ModelArgs(**{**kw, **overrides}))
+    # Random sinks and biases too (they start at zero), so a step that drops one shows.
+    model.update(tree_map(lambda p: 0.05 * mx.random.normal(p.shape), model.parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.fixture
+def tiny_gpt_oss():
+    """``tiny_gpt_oss(**overrides)``: a 2-layer GPT-OSS of random weights (float), 8 experts
+    of 128, top-2, windows of 16 on alternate layers."""
+    return _tiny_gpt_oss

@@ -9,8 +9,7 @@ import mlx.nn as nn
 import pytest
 import tq_core.decode_block as decode_block
 import tq_core.decode_mlp as decode_mlp
-from mlx.utils import tree_map
-from mlx_lm.models import gpt_oss, llama, qwen2, qwen3
+from mlx_lm.models import llama, qwen2, qwen3
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 from tq_core import QuantRecipe, compile_decode_blocks, dispatch, quantize_model
 
@@ -138,22 +137,16 @@ def test_other_llama_style_blocks_match(fake, monkeypatch, module, extra, assert
         assert_close(g, w)
 
 
-def test_gpt_oss_blocks_with_sinks_windows_and_moe_match(fake, monkeypatch, assert_close):
+def test_gpt_oss_blocks_with_sinks_windows_and_moe_match(
+    fake, monkeypatch, assert_close, tiny_gpt_oss
+):
     """GPT-OSS: biased projections, YaRN RoPE, attention sinks, alternating sliding-window
     (rotating) and full caches, and a MoE block called as it is inside the tail."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    args = gpt_oss.ModelArgs(
-        num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=64,
-        hidden_size=128, intermediate_size=128, head_dim=32, num_attention_heads=4,
-        num_key_value_heads=2, sliding_window=8,
-        layer_types=["sliding_attention", "full_attention"],
-        rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
-                      "original_max_position_embeddings": 4096, "truncate": False},
-    )  # fmt: skip
-    mx.random.seed(0)
-    model = gpt_oss.Model(args)
-    model.update(tree_map(lambda p: 0.05 * mx.random.normal(p.shape), model.parameters()))
+    yarn = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+            "original_max_position_embeddings": 4096, "truncate": False}  # fmt: skip
+    model = tiny_gpt_oss(num_local_experts=4, sliding_window=8, rope_scaling=yarn)
     quantize_model(model, QuantRecipe(bits=4, group_size=64))
     mx.eval(model.parameters())
     blocks = model.model.layers

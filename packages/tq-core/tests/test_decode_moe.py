@@ -7,7 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 import tq_core.decode_moe as decode_moe
-from mlx_lm.models import gpt_oss, qwen3_moe
+from mlx_lm.models import qwen3_moe
 from tq_core import QuantRecipe, compile_decode_moe, dispatch, quantize_model
 
 
@@ -41,17 +41,8 @@ def gather(monkeypatch):
         dispatch.register_kernel("weight_gather_matmul", before)
 
 
-def _gpt_oss():
-    args = gpt_oss.ModelArgs(
-        num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2, vocab_size=64,
-        hidden_size=128, intermediate_size=128, head_dim=32, num_attention_heads=4,
-        num_key_value_heads=2, sliding_window=16,
-        layer_types=["sliding_attention", "full_attention"],
-    )  # fmt: skip
-    return gpt_oss.Model(args), lambda m: [layer.mlp for layer in m.model.layers]
-
-
 def _qwen3_moe():
+    mx.random.seed(0)
     args = qwen3_moe.ModelArgs(
         model_type="qwen3_moe", hidden_size=128, num_hidden_layers=2, intermediate_size=256,
         num_attention_heads=4, num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1,
@@ -59,28 +50,32 @@ def _qwen3_moe():
         num_key_value_heads=2, head_dim=32, rope_theta=1e6, tie_word_embeddings=False,
         max_position_embeddings=4096, norm_topk_prob=True,
     )  # fmt: skip
-    return qwen3_moe.Model(args), lambda m: [layer.mlp for layer in m.model.layers]
-
-
-MODELS = {"gpt_oss": _gpt_oss, "qwen3_moe": _qwen3_moe}
-
-
-def _quantized(name):
-    mx.random.seed(0)
-    model, blocks = MODELS[name]()
+    model = qwen3_moe.Model(args)
     mx.eval(model.parameters())
-    quantize_model(model, QuantRecipe(bits=4, group_size=64))
-    mx.eval(model.parameters())
-    return model, blocks(model)
+    return model
+
+
+@pytest.fixture
+def quantized(tiny_gpt_oss):
+    """``quantized(name)``: (a tiny model quantized to 4 bits, its MoE blocks)."""
+    makers = {"gpt_oss": tiny_gpt_oss, "qwen3_moe": _qwen3_moe}
+
+    def make(name):
+        model = makers[name]()
+        quantize_model(model, QuantRecipe(bits=4, group_size=64))
+        mx.eval(model.parameters())
+        return model, [layer.mlp for layer in model.model.layers]
+
+    return make
 
 
 def _plain(block, x):
     return super(type(block), block).__call__(x)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_replayed_moe_blocks_match_the_plain_call(gather, name, assert_close):
-    model, blocks = _quantized(name)
+@pytest.mark.parametrize("name", ["gpt_oss", "qwen3_moe"])
+def test_replayed_moe_blocks_match_the_plain_call(gather, quantized, name, assert_close):
+    model, blocks = quantized(name)
     assert all(isinstance(b, decode_moe._ReplayedMoE) for b in blocks)
     assert compile_decode_moe(model) == 0  # idempotent
     block = blocks[0]
@@ -96,10 +91,10 @@ def test_replayed_moe_blocks_match_the_plain_call(gather, name, assert_close):
         assert_close(got, _plain(block, x))
 
 
-def test_whole_model_decode_matches(gather, assert_close, monkeypatch):
+def test_whole_model_decode_matches(gather, quantized, assert_close, monkeypatch):
     from mlx_lm.models.cache import make_prompt_cache
 
-    model, _ = _quantized("gpt_oss")
+    model, _ = quantized("gpt_oss")
 
     def run():
         cache = make_prompt_cache(model)
@@ -116,8 +111,8 @@ def test_whole_model_decode_matches(gather, assert_close, monkeypatch):
         assert_close(g, w)
 
 
-def test_new_weights_sharding_and_replaced_experts_run_plainly(gather, assert_close):
-    _, blocks = _quantized("qwen3_moe")
+def test_new_weights_sharding_and_replaced_experts_run_plainly(gather, quantized, assert_close):
+    _, blocks = quantized("qwen3_moe")
     block = blocks[0]
     x = mx.random.normal((1, 1, 128))
     for _ in range(3):
@@ -141,8 +136,8 @@ def test_new_weights_sharding_and_replaced_experts_run_plainly(gather, assert_cl
     assert block.__dict__["_tq_moe_replay"][(x.shape, x.dtype)][0] == "plain"
 
 
-def test_off_and_cpu_without_the_override_run_plainly(gather, monkeypatch):
-    _, blocks = _quantized("gpt_oss")
+def test_off_and_cpu_without_the_override_run_plainly(gather, quantized, monkeypatch):
+    _, blocks = quantized("gpt_oss")
     block = blocks[0]
     x = mx.random.normal((1, 1, 128))
     monkeypatch.setattr(decode_moe, "ON_CPU", False)
@@ -157,7 +152,7 @@ def test_off_and_cpu_without_the_override_run_plainly(gather, monkeypatch):
     assert block.__dict__["_tq_moe_replay"] == {}
 
 
-def test_streamed_or_float_experts_are_left_alone():
-    model, blocks = MODELS["gpt_oss"]()
+def test_streamed_or_float_experts_are_left_alone(tiny_gpt_oss):
+    model = tiny_gpt_oss()
     assert compile_decode_moe(model) == 0  # float experts
-    assert not any(isinstance(b, decode_moe._ReplayedMoE) for b in blocks(model))
+    assert not any(isinstance(layer.mlp, decode_moe._ReplayedMoE) for layer in model.layers)

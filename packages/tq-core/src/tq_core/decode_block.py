@@ -40,6 +40,7 @@ from . import dispatch
 from .decode_mlp import _plan
 from .held_arrays import held, still_held
 from .linear import TurboQuantLinear
+from .replaying_class import note_seen, replaying_class, settle
 from .weight_layer import compute_dtype
 
 __all__ = ["BLOCK_MODULES", "MAX_ROWS", "REPLAY", "compile_decode_blocks"]
@@ -228,6 +229,17 @@ class _ReplayedBlock:
         return tail(output, x)
 
 
+def _trace(block, x: mx.array) -> tuple:
+    """(the block's identity snapshot, its compiled (pre, tail)) for inputs like ``x``."""
+    if RESIDUAL:
+        _build_residual_plans(block, x)
+    fns = (
+        mx.compile(lambda x, offset: _pre(block, x, offset)),
+        mx.compile(lambda output, x: _tail(block, output, x)),
+    )
+    return held(block), fns
+
+
 def _replay(block, x: mx.array, cache):
     """``(pre, tail)`` for this call, or ``None`` (the plain call runs)."""
     if (
@@ -256,35 +268,11 @@ def _replay(block, x: mx.array, cache):
             lead, dtype = x.shape[:-1], compute_dtype(x)
             style = BLOCK_MODULES[type(block).__module__]
             plans = {_plan(block[p][n], lead, dtype) for p, n in _projections(style)}
-            if plans == {"valid"}:
-                if RESIDUAL:
-                    _build_residual_plans(block, x)
-                fns = (
-                    mx.compile(lambda x, offset: _pre(block, x, offset)),
-                    mx.compile(lambda output, x: _tail(block, output, x)),
-                )
-                state.entries[key] = ("replay", now, (held(block), fns))
-                return fns
-            if "none" in plans:  # a projection runs without a fused plan: stay plain
-                state.entries[key] = ("plain", now, None)
-            return None  # stale plans: the plain call rebuilds them
+            return settle(state.entries, key, now, plans, lambda: _trace(block, x))
     # New here, or the conditions or weights changed: one plain call first (it builds the
     # projections' plans), then a trace.
-    while len(state.entries) >= MAX_SHAPES and key not in state.entries:
-        state.entries.pop(next(iter(state.entries)))
-    state.entries[key] = ("seen", now, None)
+    note_seen(state.entries, key, now, MAX_SHAPES)
     return None
-
-
-_SUBCLASSES: dict[type, type] = {}
-
-
-def _replaying_class(cls: type) -> type:
-    sub = _SUBCLASSES.get(cls)
-    if sub is None:
-        attrs = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
-        sub = _SUBCLASSES[cls] = type(cls.__name__, (_ReplayedBlock, cls), attrs)
-    return sub
 
 
 def compile_decode_blocks(model: nn.Module) -> int:
@@ -294,7 +282,7 @@ def compile_decode_blocks(model: nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, _ReplayedBlock) or not _takes(module, type(module)):
             continue
-        module.__class__ = _replaying_class(type(module))
+        module.__class__ = replaying_class(_ReplayedBlock, type(module))
         module.__dict__["_tq_replay"] = _Replay()
         taken += 1
     return taken

@@ -31,6 +31,7 @@ from mlx.utils import tree_flatten
 from . import dispatch
 from .decode_plan import bound_arrays
 from .linear import TurboQuantLinear
+from .replaying_class import note_seen, replaying_class, settle
 from .weight_layer import compute_dtype
 
 __all__ = ["MAX_ROWS", "compile_decode_mlps", "REPLAY"]
@@ -143,30 +144,20 @@ def _replay(module, x: mx.array):
                 state.layers = None
                 return None
             plans = {_plan(la, x.shape[:-1], compute_dtype(x)) for la in state.layers}
-            if plans == {"valid"}:
-                fn = mx.compile(super(_ReplayedDecode, module).__call__)
-                state.entries[key] = ("replay", now, (_arrays(state.layers), fn))
-                return fn
-            if "none" in plans:  # a projection runs without a fused plan: stay plain
-                state.entries[key] = ("plain", now, None)
-            return None  # stale plans: the plain call rebuilds them
+            return settle(
+                state.entries,
+                key,
+                now,
+                plans,
+                lambda: (
+                    _arrays(state.layers),
+                    mx.compile(super(_ReplayedDecode, module).__call__),
+                ),
+            )
     # New here, or the conditions or weights changed: one plain call first (it builds the
     # projections' plans), then a trace.
-    while len(state.entries) >= MAX_SHAPES and key not in state.entries:
-        state.entries.pop(next(iter(state.entries)))
-    state.entries[key] = ("seen", now, None)
+    note_seen(state.entries, key, now, MAX_SHAPES)
     return None
-
-
-_SUBCLASSES: dict[type, type] = {}
-
-
-def _replaying_class(cls: type) -> type:
-    sub = _SUBCLASSES.get(cls)
-    if sub is None:
-        attrs = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
-        sub = _SUBCLASSES[cls] = type(cls.__name__, (_ReplayedDecode, cls), attrs)
-    return sub
 
 
 def compile_decode_mlps(model: nn.Module) -> int:
@@ -179,7 +170,7 @@ def compile_decode_mlps(model: nn.Module) -> int:
         found = _projections(module)
         if found is None:
             continue
-        module.__class__ = _replaying_class(type(module))
+        module.__class__ = replaying_class(_ReplayedDecode, type(module))
         module.__dict__["_tq_replay"] = _Replay(*found)
         taken += 1
     return taken

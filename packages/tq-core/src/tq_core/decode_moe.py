@@ -26,6 +26,7 @@ import mlx.nn as nn
 
 from . import dispatch
 from .held_arrays import held, still_held
+from .replaying_class import note_seen, replaying_class
 from .switch_linear import TurboQuantSwitchLinear
 
 __all__ = ["MOE_BLOCKS", "REPLAY", "compile_decode_moe"]
@@ -100,21 +101,8 @@ def _replay(block, x: mx.array):
             entries[key] = ("replay", now, (held(block), fn))
             return fn
     # New here, or the conditions or weights changed: one plain call first, then a trace.
-    while len(entries) >= MAX_SHAPES and key not in entries:
-        entries.pop(next(iter(entries)))
-    entries[key] = ("seen", now, None)
+    note_seen(entries, key, now, MAX_SHAPES)
     return None
-
-
-_SUBCLASSES: dict[type, type] = {}
-
-
-def _replaying_class(cls: type) -> type:
-    sub = _SUBCLASSES.get(cls)
-    if sub is None:
-        attrs = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
-        sub = _SUBCLASSES[cls] = type(cls.__name__, (_ReplayedMoE, cls), attrs)
-    return sub
 
 
 def compile_decode_moe(model: nn.Module) -> int:
@@ -124,7 +112,7 @@ def compile_decode_moe(model: nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, _ReplayedMoE) or not _takes(module, type(module)):
             continue
-        module.__class__ = _replaying_class(type(module))
+        module.__class__ = replaying_class(_ReplayedMoE, type(module))
         module.__dict__["_tq_moe_replay"] = {}
         taken += 1
     return taken
