@@ -1,22 +1,25 @@
-"""Fused kernels against tq-core's reference on a GPU (skipped where MLX has none, as on CI).
+"""Fused kernels against tq-core's reference on a GPU (skipped where MLX has none, as on CI):
+matvec, rotating and sibling plans, the residual variant, dequantize, MoE gather. Whole
+layers and models decoding through them: test_decode_models_gpu.py.
 
 The reference is computed in float32 (dequantize, then matmul); a GPU may round float32
 matmuls through TF32 (~1e-3), so tolerances are relative to the output's largest entry and
-sized for the activation dtype.
+sized for the activation dtype (gpu_helpers.py).
 """
 
-import math
+import importlib.util
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from tq_core import QJLResidual, QuantizedWeight, dispatch, pack
+from tq_core import QuantizedWeight
 from tq_core.weights import dequantize_weight_rotated, qjl_sketch_values
 from tq_kernels import (
     LaunchConfig,
     dequantize,
     kernel_backend,
     matvec,
-    register_all,
     rotating_weight_matmul,
     weight_gather_matmul,
     weight_matmul,
@@ -24,38 +27,17 @@ from tq_kernels import (
 
 pytestmark = pytest.mark.skipif(kernel_backend() is None, reason="no GPU backend (Metal/CUDA)")
 
-TOL = {mx.float32: 5e-3, mx.float16: 5e-3, mx.bfloat16: 2e-2}
-DTYPES = {"f16": mx.float16, "bf16": mx.bfloat16, "f32": mx.float32}
-
-
-def random_codes(shape, bits, gs, seed=0, scale=0.05):
-    """Random packed indices and positive fp16 scales for a (..., N, K) weight."""
-    k1, k2 = mx.random.split(mx.random.key(seed))
-    idx = mx.random.randint(0, 2**bits, shape, key=k1).astype(mx.uint32)
-    groups = (*shape[:-1], shape[-1] // gs)
-    scales = (scale * (0.5 + mx.random.uniform(shape=groups, key=k2))).astype(mx.float16)
-    return QuantizedWeight(pack(idx, bits), scales, bits, gs)
-
-
-def random_qjl(shape, gs, seed=1):
-    k1, k2 = mx.random.split(mx.random.key(seed))
-    bits = mx.random.randint(0, 2, shape, key=k1).astype(mx.uint32)
-    groups = (*shape[:-1], shape[-1] // gs)
-    scales = (0.01 * mx.random.uniform(shape=groups, key=k2)).astype(mx.float16)
-    return QJLResidual(pack(bits, 1), scales, gs)
-
-
-def reference(x, codes, qjl=None, xs=None):
-    w = dequantize_weight_rotated(codes, dtype=mx.float32)
-    y = x.astype(mx.float32) @ w.swapaxes(-1, -2)
-    if qjl is not None:
-        y = y + xs.astype(mx.float32) @ qjl_sketch_values(qjl).swapaxes(-1, -2)
-    return y
-
-
-def rel_err(got, want):
-    scale = max(mx.abs(want).max().item(), 1e-12)
-    return mx.abs(got.astype(mx.float32) - want).max().item() / scale
+ROOT = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("tq_kernels_gpu_helpers", ROOT / "gpu_helpers.py")
+helpers = sys.modules.setdefault("tq_kernels_gpu_helpers", importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(helpers)
+TOL, DTYPES = helpers.TOL, helpers.DTYPES
+random_codes, random_qjl, reference, rel_err = (
+    helpers.random_codes,
+    helpers.random_qjl,
+    helpers.reference,
+    helpers.rel_err,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -308,41 +290,6 @@ def test_gather_sorted_many_entries_uses_dequantized_experts():
     assert rel_err(got, want) < TOL[mx.float16]
 
 
-def test_layers_through_dispatch_match_reference_path():
-    import mlx.nn as nn
-    from tq_core import TurboQuantLinear
-
-    register_all()
-    lin = nn.Linear(1536, 320)
-    layer = TurboQuantLinear.from_linear(lin, bits=3, group_size=64, use_qjl=True)
-    x = mx.random.normal((1, 1, 1536), key=mx.random.key(0)).astype(mx.float16)
-    fused = layer(x)
-    with dispatch.reference_only():
-        ref = layer(x)
-    assert dispatch._kernels.get("weight_matmul") is weight_matmul
-    assert not dispatch._failed
-    assert rel_err(fused, ref.astype(mx.float32)) < 1e-2
-    assert math.isfinite(mx.abs(fused).max().item())
-
-
-def test_layers_rotating_path_matches_reference_path():
-    import mlx.nn as nn
-    from tq_core import TurboQuantEmbedding, TurboQuantLinear
-
-    register_all()
-    lin = TurboQuantLinear.from_linear(nn.Linear(576, 1536), bits=4, group_size=64)
-    emb = TurboQuantEmbedding.from_embedding(nn.Embedding(1000, 576), bits=3, group_size=64)
-    for x in (mx.random.normal((1, 1, 576)), mx.random.normal((1, 2, 576))):
-        for dt in (mx.float16, mx.bfloat16):
-            xd = x.astype(dt)
-            fused_lin, fused_head = lin(xd), emb.as_linear(xd)
-            with dispatch.reference_only():
-                ref_lin, ref_head = lin(xd), emb.as_linear(xd)
-            assert rel_err(fused_lin, ref_lin.astype(mx.float32)) < TOL[dt]
-            assert rel_err(fused_head, ref_head.astype(mx.float32)) < TOL[dt]
-    assert not dispatch._failed
-
-
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("ns", [(300, 77), (2048, 512, 512), (5, 96, 1)])
 @pytest.mark.parametrize("rows", [1, 2])
@@ -379,142 +326,3 @@ def test_sibling_plan_declines_mixed_weights():
     assert rotating_matmul_plan(x, [a, b], rot) is None  # bits differ
     assert rotating_matmul_plan(x, [a, a, a, a], rot) is None  # more than 3
     assert rotating_matmul_plan(mx.ones((3, 512)), [a], rot) is None  # 3 rows
-
-
-def _quantized_llama(layers: int, seed: int):
-    """A llama of random weights (d 512, ffn 1536, 8 query / 2 KV heads), quantized to 3 bits
-    (sibling groups, replay-ready MLPs), float16, with the kernels registered."""
-    from mlx_lm.models import llama
-    from tq_core import QuantRecipe, quantize_model
-
-    register_all()
-    args = llama.ModelArgs(
-        model_type="llama", hidden_size=512, num_hidden_layers=layers, intermediate_size=1536,
-        num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=300,
-        tie_word_embeddings=True,
-    )  # fmt: skip
-    mx.random.seed(seed)
-    model = llama.Model(args)
-    quantize_model(model, QuantRecipe(bits=3, group_size=64))
-    model.set_dtype(mx.float16)
-    return model
-
-
-def test_llama_decode_with_sibling_groups_matches_reference_path():
-    from tq_core.siblings import SiblingGroup
-
-    model = _quantized_llama(layers=2, seed=0)
-    assert isinstance(model.model.layers[0].self_attn.q_proj.__dict__["_siblings"], SiblingGroup)
-    group = model.model.layers[0].mlp.gate_proj.__dict__["_siblings"]
-    for tok in ([[3]], [[4]], [[4], [9]]):
-        t = mx.array(tok)
-        fused = model(t)
-        # The fused plan ran (reference_only below invalidates it, so look now).
-        assert group.plans.entries[((t.shape[0], 1, 512), mx.float16)].plan is not None
-        with dispatch.reference_only():
-            ref = model(t)
-        assert rel_err(fused, ref.astype(mx.float32)) < 1e-2
-    assert not dispatch._failed
-
-
-def test_replayed_decode_mlp_matches_reference_path(monkeypatch):
-    """A llama MLP of TurboQuant projections replaying its compiled decode trace (tq_core's
-    decode_mlp: the fused plans recorded once, replayed from C++) against the reference."""
-    import tq_core.decode_mlp as decode_mlp
-
-    monkeypatch.setattr(decode_mlp, "REPLAY", True)
-    model = _quantized_llama(layers=1, seed=1)
-    mlp = model.model.layers[0].mlp
-    xs = [mx.random.normal((1, 1, 512)).astype(mx.float16) for _ in range(5)]
-    with dispatch.reference_only():
-        want = [mlp(x) for x in xs]
-        mx.eval(want)
-    got = []
-    for x in xs:  # plain (builds the plans), traced, then replayed
-        got.append(mlp(x))
-        mx.eval(got[-1])
-    entry = mlp.__dict__["_tq_replay"].entries[(xs[0].shape, mx.float16)]
-    assert entry[0] == "replay"
-    for g, w in zip(got, want):
-        assert rel_err(g, w.astype(mx.float32)) < 1e-2
-    assert not dispatch._failed
-
-
-def test_replayed_decode_blocks_match_reference_path(monkeypatch):
-    """Llama decoder blocks replaying their two compiled decode traces around an fp16 KV cache
-    (tq_core's decode_block: the fused plans and RoPE at an offset array, recorded once)
-    against the reference path, step for step."""
-    import tq_core.decode_block as decode_block
-    from mlx_lm.models.cache import KVCache
-
-    monkeypatch.setattr(decode_block, "REPLAY", True)
-    model = _quantized_llama(layers=2, seed=2)
-    prompt = mx.array([[5, 17, 42, 7, 99, 3]])
-
-    def run():
-        cache = [KVCache() for _ in model.layers]
-        out = [model(prompt, cache=cache)[:, -1]]
-        for t in range(8):
-            out.append(model(mx.array([[t + 10]]), cache=cache)[:, -1])
-            mx.eval(out[-1])
-        return out
-
-    with dispatch.reference_only():
-        want = run()
-    got = run()
-    for layer in model.layers:
-        assert layer.__dict__["_tq_replay"].entries[((1, 1, 512), mx.float16)][0] == "replay"
-    for g, w in zip(got, want):
-        assert rel_err(g, w.astype(mx.float32)) < 1e-2
-    assert not dispatch._failed
-
-
-def test_replayed_gpt_oss_blocks_match_the_plain_kernels(monkeypatch):
-    """GPT-OSS decoder blocks (tq_core's decode_block: sinks, windows) and their MoE blocks
-    of TurboQuant experts (decode_moe: router, top-k, the gather kernels, weighting)
-    replaying their compiled decode traces, against the same
-    kernels called plainly, whole-model decode steps over mlx-lm's caches (against the
-    reference path a near-tie in the router could pick other experts; the gather kernel
-    itself is checked against the reference above)."""
-    import tq_core.decode_moe as decode_moe
-    from mlx_lm.models import gpt_oss
-    from mlx_lm.models.cache import make_prompt_cache
-    from tq_core import QuantRecipe, quantize_model
-
-    monkeypatch.setattr(decode_moe, "REPLAY", True)
-    register_all()
-    args = gpt_oss.ModelArgs(
-        num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=4, vocab_size=300,
-        hidden_size=512, intermediate_size=512, head_dim=64, num_attention_heads=8,
-        num_key_value_heads=2, sliding_window=16,
-        layer_types=["sliding_attention", "full_attention"],
-    )  # fmt: skip
-    mx.random.seed(4)
-    model = gpt_oss.Model(args)
-    quantize_model(model, QuantRecipe(bits=3, group_size=64))
-    model.set_dtype(mx.float16)
-
-    def run():
-        cache = make_prompt_cache(model)
-        out = [model(mx.array([[5, 17, 42, 7, 99, 3]]), cache=cache)[:, -1]]
-        for t in range(8):
-            out.append(model(mx.array([[t + 10]]), cache=cache)[:, -1])
-            mx.eval(out[-1])
-        return out
-
-    import tq_core.decode_block as decode_block
-
-    for module in (decode_moe, decode_block):  # GPT-OSS blocks replay around their caches too
-        monkeypatch.setattr(module, "REPLAY", False)
-    want = run()
-    for module in (decode_moe, decode_block):
-        monkeypatch.setattr(module, "REPLAY", True)
-    got = run()
-    for layer in model.model.layers:
-        block_entry = layer.__dict__["_tq_replay"].entries[((1, 1, 512), mx.float16)]
-        assert block_entry[0] == "replay"
-        entries = layer.mlp.__dict__["_tq_moe_replay"]
-        assert entries[((1, 1, 512), mx.float16)][0] == "replay"
-    for g, w in zip(got, want):
-        assert rel_err(g, w.astype(mx.float32)) < 1e-2
-    assert not dispatch._failed
