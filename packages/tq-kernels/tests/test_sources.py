@@ -235,6 +235,15 @@ def test_plan_passes_inputs_in_the_kernels_order(monkeypatch):
         assert mx.allclose(out, want, atol=1e-4).item()
         with pytest.raises(ValueError, match="one weight"):
             rotating_matvec_plan(x, codes, pack_sign_bits(signs), 64, residual=True)
+        for bad in (r[..., :-1], r.astype(mx.float16), mx.concatenate([r, r])):
+            with pytest.raises(ValueError, match=r"residual must be \(1, 1, 40\)"):
+                plan(x, bad)  # the kernel would read past a short residual
+        from tq_kernels import rotating_matvec
+
+        with pytest.raises(ValueError, match="residual must be"):
+            rotating_matvec(x, codes[0], pack_sign_bits(signs), 64, residual=r[..., :8])
+        with pytest.raises(ValueError, match="one weight"):
+            rotating_matvec(x, codes, pack_sign_bits(signs), 64, residual=r)
     finally:
         mv._matvec_plan.cache_clear()
         mv._compiled_launch.cache_clear()

@@ -165,14 +165,25 @@ def rotating_matvec(
     and x's dtype) is added to the product in the kernel."""
     several = not isinstance(codes, QuantizedWeight)
     seq = tuple(codes) if several else (codes,)
-    if residual is not None and len(seq) != 1:
-        raise ValueError(f"rotating_matvec: a residual takes one weight, got {len(seq)}")
+    if residual is not None:
+        if len(seq) != 1:
+            raise ValueError(f"rotating_matvec: a residual takes one weight, got {len(seq)}")
+        _check_residual(residual, (*x.shape[:-1], seq[0].scales.shape[0]), x.dtype)
     kernel, codebook, launch = _rotating_plan(x, seq, span, config, residual is not None)
     inputs = _rotating_inputs(x, codebook, sign_bits, _flat_weights(seq))
     if residual is not None:
         inputs.append(residual)
     outs = kernel(inputs=inputs, **launch)
     return list(outs) if several else outs[0]
+
+
+def _check_residual(residual: mx.array, shape: tuple, dtype) -> None:
+    """The kernel reads the residual as the output's rows: anything else would read past it."""
+    if tuple(residual.shape) != tuple(shape) or residual.dtype != dtype:
+        raise ValueError(
+            f"residual must be {tuple(shape)} {dtype} (the product's shape, x's dtype), "
+            f"got {tuple(residual.shape)} {residual.dtype}"
+        )
 
 
 #: Compiled launches whose kernel has been evaluated once (NVRTC/Metal compile errors are
@@ -225,11 +236,13 @@ def rotating_matvec_plan(
     weights = _flat_weights(seq)
 
     if residual:
+        out_shape = (*lead, ns[0])
 
         def plan(x2: mx.array, r: mx.array) -> list[mx.array]:
+            _check_residual(r, out_shape, x.dtype)
             return fn(x2, r, sign_bits, *weights)
 
-        probe = (x, mx.zeros((*lead, ns[0]), x.dtype))
+        probe = (x, mx.zeros(out_shape, x.dtype))
     else:
 
         def plan(x2: mx.array) -> list[mx.array]:
