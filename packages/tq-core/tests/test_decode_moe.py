@@ -152,7 +152,7 @@ def test_off_and_cpu_without_the_override_run_plainly(gather, quantized, monkeyp
     assert block.__dict__["_tq_moe_replay"] == {}
 
 
-def test_streamed_or_float_experts_are_left_alone(tiny_gpt_oss):
+def test_float_experts_are_left_alone(tiny_gpt_oss):
     model = tiny_gpt_oss()
     assert compile_decode_moe(model) == 0  # float experts
     assert not any(isinstance(layer.mlp, decode_moe._ReplayedMoE) for layer in model.layers)
