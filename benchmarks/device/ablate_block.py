@@ -1,8 +1,8 @@
 """What the kernels left in a replayed decoder block cost: decode_split.py (affine3, tq3) with
 the replayed block's residual adds, and then also its RMS norms, left out of the traces
 (wrong arithmetic, same shapes: a measure of what fusing them into the matvec would save).
-Llama blocks only; the patched tail adds its residuals apart (as before they were folded into
-the o/down launches), so "none" measures the replayed block without that folding.
+Llama blocks only. "none" runs the block as shipped; the other modes replace its traces
+with these reduced copies (which call the MLP as it is, with no residual folding).
 
 usage: ABLATE=none|noadd|noadd_nonorm python benchmarks/device/ablate_block.py
            [decode_split.py's arguments]
